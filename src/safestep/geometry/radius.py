@@ -2,17 +2,24 @@
 
 F(t) = Σ_k w_k e^{a_k t} with w = softmax(logits), a = slopes; the line loss is analytic for |t| < ρ*,
 the modulus of F's nearest complex zero. All functions take (..., K) tensors and work in float64.
+
+The exact radius (§A3) is found in normalized coordinates b = (a − mid-range)/Δ_a ∈ [−½, ½], where the
+zero-free strip is |Im t| < π: Newton on F from the two-term ghosts of the upper Newton-polygon edges of
+the points (b_k, log w_k) proposes a zero, and the argument principle certifies that no zero lies strictly
+inside (1 − rtol)·|zero|. Rows that fail are bracketed by bisection on winding numbers and re-located.
+F is always evaluated with the largest term magnitude factored out, so huge logits or radii cannot overflow.
 """
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
-from ._checks import as_float64, class_vectors
+from ._checks import as_float64, class_vectors, same_shape
 
-__all__ = ["spread", "radius_lower_bound", "binary_radius"]
+__all__ = ["spread", "radius_lower_bound", "binary_radius", "exact_radius", "nearest_ghost", "min_exact_radius"]
 
 
 def spread(slopes: Tensor) -> Tensor:
@@ -33,3 +40,359 @@ def binary_radius(margin: Tensor | float, spread: Tensor | float) -> Tensor:
     d = as_float64(spread, "spread").abs()
     delta, d = torch.broadcast_tensors(delta, d)
     return torch.where(d > 0, torch.sqrt(delta**2 + math.pi**2) / d, torch.full_like(d, math.inf))
+
+
+def exact_radius(logits: Tensor, slopes: Tensor, rtol: float = 1e-8) -> Tensor:
+    """ρ* = min{|t| : Σ_k softmax(z)_k e^{a_k t} = 0}, certified to relative tolerance rtol (inf where Δ_a = 0).
+
+    The returned r satisfies (1 − rtol)·r ≤ ρ* ≤ r: the argument principle shows no zero of F in
+    |t| < (1 − rtol)·r, and a zero of F has modulus r (a Newton-refined zero, whose presence is confirmed by
+    a zero count on |t| = (1 + rtol)·r, or the top of a bisection bracket of relative width ≤ rtol).
+    Inputs (..., K), any real dtype; returns float64 of shape (...) on the input's device.
+    """
+    radius, _ = _exact(logits, slopes, rtol)
+    return radius
+
+
+def nearest_ghost(logits: Tensor, slopes: Tensor) -> Tensor:
+    """The zero t of F(t) = Σ_k softmax(z)_k e^{a_k t} with |t| = ρ* and Im t > 0, as complex128 of shape (...).
+
+    F has real coefficients, so its zeros come in conjugate pairs (and none is real); the member with
+    Im t > 0 is returned. Where there is no zero (Δ_a = 0) the entry is NaN + NaN·j (not inf: there is no
+    location to report). NaN also marks the rare row whose radius was certified by bisection alone without
+    Newton pinning the zero. Ties in modulus (e.g. t and −t̄ for mirror-symmetric rows) return one of them.
+    """
+    _, ghost = _exact(logits, slopes, _DEFAULT_RTOL)
+    return ghost
+
+
+def min_exact_radius(logits: Tensor, slopes: Tensor, rtol: float = 1e-8) -> tuple[Tensor, int]:
+    """min over rows of ρ*, with the flat row index, by branch and bound on the lower bounds π/Δ_a.
+
+    Rows (all leading dims flattened) are sorted by π/Δ_a. A trial bound U starts at the smallest two-term
+    (hull-edge) ghost of the first rows. Rows with π/Δ_a ≥ U cannot beat U; the others are screened by
+    counting their zeros in |t| < U (argument principle). If none has one, U grows and the screen repeats;
+    otherwise only the rows with a zero below U are solved exactly. Returns (inf, 0) when every Δ_a = 0.
+    """
+    problem = _prepare(logits, slopes, rtol)
+    lower = math.pi / problem.spread
+    order = torch.argsort(lower)
+    order = order[torch.isfinite(lower[order])]
+    if order.numel() == 0:
+        return torch.tensor(math.inf, dtype=torch.float64, device=problem.device), 0
+    head = order[:_FIRST_BRANCH]
+    hull = _hull_ghosts(problem.logw[head], problem.b[head])
+    estimate = torch.where(torch.isnan(hull.real), math.inf, hull.abs()).amin(dim=1) / problem.spread[head]
+    bound = max(float(estimate.min()), float(lower[order[0]]) * _BOUND_GROWTH)
+    while True:
+        rows = order[lower[order] < bound]
+        count, resolved = _upper_zero_count(problem.logw[rows], problem.b[rows], bound * problem.spread[rows])
+        rows = rows[(count > 0) | ~resolved]
+        if rows.numel():
+            break
+        bound *= _BOUND_GROWTH
+    radius, _ = _solve_normalized(problem.logw[rows], problem.b[rows], rtol)
+    radius = radius / problem.spread[rows]
+    best = int(radius.argmin())
+    return radius[best].to(problem.device), int(rows[best])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Internals. Normalized rows: logw = log softmax(z) and b ∈ [−½, ½] (spread 1), zeros t_norm = Δ_a · t.
+
+_DEFAULT_RTOL = 1e-8
+_MIN_RTOL = 1e-12
+_MAX_RTOL = 1e-2
+_EPS = torch.finfo(torch.float64).eps
+_ROUNDING_FLOOR = 64.0  # |F| below this many K·eps of Σ|terms| is treated as possibly zero
+_GRID_PER_UNIT = 3.0  # initial samples per unit radius on the semicircle (normalized units)
+_GRID_MIN = 8
+_MIN_ARC = math.pi * 2.0**-46  # a segment still failing at this angular width passes through a zero
+_MAX_PIECES = 64  # a failing segment is cut into ⌈2·bound/max|F(ends)|⌉ pieces, 4 to this many
+_NEWTON_STEPS = 30
+_NEWTON_MAX_STEP = 1.0
+_NEWTON_RESIDUAL = 1e-10  # accept a Newton limit when |F| ≤ this · Σ|terms|
+_HULL_EDGES = 3
+_FIXED_STARTS = (1.3 * math.pi * complex(math.cos(math.pi / 4), math.sin(math.pi / 4)), 1.3j * math.pi,
+                 1.3 * math.pi * complex(-math.cos(math.pi / 4), math.sin(math.pi / 4)), 2j * math.pi)
+_FIRST_WIDTH = 1e-2  # relative bracket width of the first bisection fallback; shrinks ×1e-2 per round
+_LOCATE_STARTS = 3
+_FIRST_BRANCH = 32  # rows (smallest π/Δ_a first) whose two-term ghosts set the first trial bound
+_BOUND_GROWTH = 1.25
+_NAN_C = complex(math.nan, math.nan)
+
+
+class _Problem(NamedTuple):
+    logw: Tensor  # (n, K) log softmax(logits)
+    b: Tensor  # (n, K) normalized slopes (rows with Δ_a = 0 hold zeros)
+    spread: Tensor  # (n,) Δ_a
+    lead: torch.Size  # leading shape of the input
+    device: torch.device
+
+
+# Samples of F are rows of a (P, 6) tensor; all but SCALE are scaled by e^{−scale}, where
+# scale = max_k log|w_k e^{b_k t}|: Re F, Im F, scale, Σ_{b>0} w b e^{b Re t}, Σ_{b<0} w |b| e^{b Re t}, Σ w e^{b Re t}.
+_RE, _IM, _SCALE, _RISING, _FALLING, _SIZE = range(6)
+
+
+def _check_rtol(rtol: float) -> float:
+    if not isinstance(rtol, (int, float)) or isinstance(rtol, bool) or not _MIN_RTOL <= rtol <= _MAX_RTOL:
+        raise ValueError(f"rtol must be a float in [{_MIN_RTOL:g}, {_MAX_RTOL:g}] (float64 cannot certify less), got {rtol!r}")
+    return float(rtol)
+
+
+def _prepare(logits: Tensor, slopes: Tensor, rtol: float) -> _Problem:
+    _check_rtol(rtol)
+    z = class_vectors(logits, "logits")
+    a = class_vectors(slopes, "slopes")
+    same_shape(z, a, "logits", "slopes")
+    device, lead, k = z.device, z.shape[:-1], z.shape[-1]
+    z, a = z.reshape(-1, k).cpu(), a.reshape(-1, k).cpu()
+    top, bottom = a.amax(-1, keepdim=True), a.amin(-1, keepdim=True)
+    gap = top - bottom
+    b = torch.where(gap > 0, (a - 0.5 * (top + bottom)) / gap.clamp(min=torch.finfo(torch.float64).tiny), 0.0)
+    return _Problem(torch.log_softmax(z, dim=-1), b, gap.squeeze(-1), lead, device)
+
+
+def _exact(logits: Tensor, slopes: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
+    problem = _prepare(logits, slopes, rtol)
+    n = problem.spread.numel()
+    radius = torch.full((n,), math.inf, dtype=torch.float64)
+    ghost = torch.full((n,), _NAN_C, dtype=torch.complex128)
+    rows = torch.nonzero(problem.spread > 0).squeeze(-1)
+    if rows.numel():
+        r, g = _solve_normalized(problem.logw[rows], problem.b[rows], rtol)
+        radius[rows], ghost[rows] = r / problem.spread[rows], g / problem.spread[rows]
+    return radius.reshape(problem.lead).to(problem.device), ghost.reshape(problem.lead).to(problem.device)
+
+
+def _term_parts(logw: Tensor, b: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Scaled term magnitudes, cos and sin of the term phases, and the scale, at points t (P,)."""
+    expo = logw + b * t.real[:, None]
+    scale = expo.amax(dim=-1)
+    mag = torch.exp(expo - scale[:, None])
+    phase = b * t.imag[:, None]
+    return mag, torch.cos(phase), torch.sin(phase), scale
+
+
+def _sample(logw: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """Scaled samples of F at points t (P,), as a (P, 6) tensor (columns _RE … _SIZE)."""
+    mag, cos, sin, scale = _term_parts(logw, b, t)
+    slope_mag = mag * b
+    return torch.stack([(mag * cos).sum(-1), (mag * sin).sum(-1), scale, slope_mag.clamp(min=0).sum(-1),
+                        (-slope_mag).clamp(min=0).sum(-1), mag.sum(-1)], dim=1)
+
+
+def _newton_step(logw: Tensor, b: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Newton step F/F' and the relative residual |F|/Σ|terms| at points t."""
+    mag, cos, sin, _ = _term_parts(logw, b, t)
+    re, im = mag * cos, mag * sin
+    value = torch.complex(re.sum(-1), im.sum(-1))
+    deriv = torch.complex((re * b).sum(-1), (im * b).sum(-1))
+    return value / deriv, value.abs() / mag.sum(-1)
+
+
+def _trusted_abs(s: Tensor, k: int) -> Tensor:
+    """|F|/e^{scale} minus its worst-case rounding error (never negative)."""
+    return (torch.hypot(s[:, _RE], s[:, _IM]) - _ROUNDING_FLOOR * k * _EPS * s[:, _SIZE]).clamp(min=0)
+
+
+def _upper_zero_count(logw: Tensor, b: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
+    """Zeros of F in the open upper half-disk |t| < R by the argument principle; returns (count, resolved).
+
+    F > 0 on the real axis, so the winding along the upper semicircle from R to −R is 2π·count. The arc is
+    split into segments until each satisfies h·max|F'| < max(|F(ends)|): then F stays in a disk around
+    that end value that excludes 0, and the phase change over the segment is the principal angle of the
+    ratio of its end values. max|F'| ≤ Σ_{b>0} w b e^{b·x_left} + Σ_{b<0} w|b| e^{b·x_right} because
+    Re t decreases along the arc. A segment still failing when shorter than _MIN_ARC passes (numerically)
+    through a zero: that row is reported unresolved.
+    """
+    n, k = logw.shape
+    segments = (radius * _GRID_PER_UNIT).ceil().long() + _GRID_MIN
+    rows = torch.repeat_interleave(torch.arange(n), segments + 1)
+    first = torch.cumsum(segments + 1, 0) - (segments + 1)
+    j = torch.arange(rows.numel()) - first[rows]
+    phi = math.pi * j.double() / segments[rows].double()
+    samples = _sample(logw[rows], b[rows], torch.polar(radius[rows], phi))
+    left = torch.nonzero(j < segments[rows]).squeeze(-1)
+    seg_row, phi_l, phi_r = rows[left], phi[left], phi[left + 1]
+    s_l, s_r = samples[left], samples[left + 1]
+    winding = torch.zeros(n, dtype=torch.float64)
+    resolved = torch.ones(n, dtype=torch.bool)
+    while True:
+        ref = torch.maximum(s_l[:, _SCALE], s_r[:, _SCALE])
+        up_l, up_r = torch.exp(s_l[:, _SCALE] - ref), torch.exp(s_r[:, _SCALE] - ref)
+        bound = radius[seg_row] * (phi_r - phi_l) * (up_l * s_l[:, _RISING] + up_r * s_r[:, _FALLING])
+        end_l, end_r = up_l * _trusted_abs(s_l, k), up_r * _trusted_abs(s_r, k)
+        ok = bound < torch.maximum(end_l, end_r)
+        winding.index_add_(0, seg_row[ok], _turn(s_l[ok], s_r[ok]))
+        stuck = ~ok & (phi_r - phi_l <= _MIN_ARC)
+        resolved[seg_row[stuck]] = False
+        bad = torch.nonzero(~ok & ~stuck).squeeze(-1)
+        if bad.numel() == 0:
+            break
+        pieces = (2 * bound[bad] / torch.maximum(end_l[bad], end_r[bad])).nan_to_num(posinf=_MAX_PIECES).ceil().clamp(4, _MAX_PIECES).long()
+        seg_row, phi_l, phi_r, s_l, s_r = _split(logw, b, radius, seg_row[bad], phi_l[bad], phi_r[bad],
+                                                 s_l[bad], s_r[bad], pieces)
+    turns = winding / (2 * math.pi)
+    count = turns.round()
+    return count.long(), resolved & ((turns - count).abs() < 0.25)
+
+
+def _turn(s_l: Tensor, s_r: Tensor) -> Tensor:
+    """Principal angle of F(right)/F(left) for paired samples."""
+    re_l, im_l, re_r, im_r = s_l[:, _RE], s_l[:, _IM], s_r[:, _RE], s_r[:, _IM]
+    return torch.atan2(im_r * re_l - re_r * im_l, re_r * re_l + im_r * im_l)
+
+
+def _split(logw: Tensor, b: Tensor, radius: Tensor, seg_row: Tensor, phi_l: Tensor, phi_r: Tensor,
+           s_l: Tensor, s_r: Tensor, pieces: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Cut each arc segment into its number of equal pieces, sampling F at the new interior points."""
+    m = len(seg_row)
+    owner = torch.repeat_interleave(torch.arange(m), pieces - 1)
+    first_new = torch.cumsum(pieces - 1, 0) - (pieces - 1)
+    offset = (torch.arange(owner.numel()) - first_new[owner] + 1).double()
+    phi_new = phi_l[owner] + (phi_r - phi_l)[owner] * offset / pieces[owner].double()
+    s_new = _sample(logw[seg_row[owner]], b[seg_row[owner]], torch.polar(radius[seg_row[owner]], phi_new))
+    pool, phi_pool = torch.cat([s_l, s_r, s_new]), torch.cat([phi_l, phi_r, phi_new])
+
+    def node(o: Tensor, q: Tensor) -> Tensor:  # pool index of node q (0..pieces) of segment o
+        inner = 2 * m + first_new[o] + q - 1
+        return torch.where(q == 0, o, torch.where(q == pieces[o], m + o, inner))
+
+    seg_owner = torch.repeat_interleave(torch.arange(m), pieces)
+    q = torch.arange(seg_owner.numel()) - (torch.cumsum(pieces, 0) - pieces)[seg_owner]
+    lo_idx, hi_idx = node(seg_owner, q), node(seg_owner, q + 1)
+    return seg_row[seg_owner], phi_pool[lo_idx], phi_pool[hi_idx], pool[lo_idx], pool[hi_idx]
+
+
+def _newton(logw: Tensor, b: Tensor, t: Tensor) -> Tensor:
+    """Damped Newton on F from starts t (P,), folded into Im t > 0; NaN where it did not converge."""
+    t = t.clone()
+    residual = torch.full(t.shape, math.inf, dtype=torch.float64)
+    active = torch.arange(t.numel())
+    for _ in range(_NEWTON_STEPS):
+        step, residual[active] = _newton_step(logw[active], b[active], t[active])
+        length = step.abs()
+        step = torch.where(length > _NEWTON_MAX_STEP, step * (_NEWTON_MAX_STEP / length), step)
+        moved = t[active] - step
+        t[active] = torch.where(moved.imag < 0, moved.conj(), moved)
+        active = active[length > 1e-14 * (1 + moved.abs())]
+        if active.numel() == 0:
+            break
+    ok = (residual < _NEWTON_RESIDUAL) & (t.imag > 0) & torch.isfinite(t.real) & torch.isfinite(t.imag)
+    return torch.where(ok, t, torch.full_like(t, _NAN_C))
+
+
+def _nearest(z: Tensor) -> Tensor:
+    """Per row of z (n, S), the entry of least modulus (NaN entries ignored; NaN if all are)."""
+    modulus = torch.where(torch.isnan(z.real), math.inf, z.abs())
+    return z.gather(1, modulus.argmin(dim=1, keepdim=True)).squeeze(1)
+
+
+def _newton_from(logw: Tensor, b: Tensor, starts: Tensor) -> Tensor:
+    """Nearest zero per row found by Newton from starts (n, S)."""
+    s = starts.shape[1]
+    z = _newton(logw.repeat_interleave(s, 0), b.repeat_interleave(s, 0), starts.reshape(-1))
+    return _nearest(z.reshape(-1, s))
+
+
+def _hull_ghosts(logw: Tensor, b: Tensor) -> Tensor:
+    """Two-term ghosts x_e + iπ/g_e of the upper-hull edges of the points (b_k, log w_k): (n, edges), NaN-padded.
+
+    On an edge the two terms tie at Re t = x_e and dominate the rest; the pair alone vanishes at
+    x_e + iπ(2m+1)/g_e (g_e = slope gap). Edges are found by gift wrapping, vectorized over rows.
+    """
+    lowest = b.amin(-1, keepdim=True)
+    current = torch.where(b == lowest, logw, -math.inf).argmax(-1, keepdim=True)
+    ghosts = []
+    while True:
+        b_cur, lw_cur = b.gather(-1, current), logw.gather(-1, current)
+        right = b > b_cur
+        slope = torch.where(right, (logw - lw_cur) / (b - b_cur), -math.inf)
+        steepest = slope.amax(-1, keepdim=True)
+        alive = torch.isfinite(steepest)
+        if not alive.any():
+            return torch.stack(ghosts, dim=1)
+        on_edge = right & (slope >= steepest - 1e-12 * steepest.abs())
+        following = torch.where(on_edge, b, -math.inf).argmax(-1, keepdim=True)
+        gap = b.gather(-1, following) - b_cur
+        ghost = torch.complex(-steepest, math.pi / gap).squeeze(-1)
+        ghosts.append(torch.where(alive.squeeze(-1), ghost, _NAN_C))
+        current = torch.where(alive, following, current)
+
+
+def _newton_candidates(logw: Tensor, b: Tensor) -> Tensor:
+    """A zero of F per row (NaN if none found), from the nearest hull-edge ghosts and fixed starts."""
+    hull = _hull_ghosts(logw, b)
+    estimate = torch.where(torch.isnan(hull.real), math.inf, hull.abs())
+    nearest = estimate.topk(min(_HULL_EDGES, hull.shape[1]), dim=1, largest=False).indices
+    hull = hull.gather(1, nearest)
+    hull = torch.where(torch.isnan(hull.real), _FIXED_STARTS[1], hull)
+    fixed = torch.tensor(_FIXED_STARTS, dtype=torch.complex128).expand(len(logw), -1)
+    return _newton_from(logw, b, torch.cat([hull, fixed], dim=1))
+
+
+def _locate(logw: Tensor, b: Tensor, radius: Tensor) -> Tensor:
+    """A zero near the circle |t| = R per row: Newton from the deepest local minima of |F|/Σ|terms| on it."""
+    n = len(logw)
+    m = int(math.ceil(8 * float(radius.max()))) + 64
+    phi = torch.linspace(0, math.pi, m + 2, dtype=torch.float64)[1:-1]
+    t = torch.polar(radius[:, None].expand(n, m), phi.expand(n, m))
+    samples = _sample(logw.repeat_interleave(m, 0), b.repeat_interleave(m, 0), t.reshape(-1))
+    rel = (torch.hypot(samples[:, _RE], samples[:, _IM]) / samples[:, _SIZE]).reshape(n, m)
+    padded = torch.nn.functional.pad(rel, (1, 1), value=math.inf)
+    is_min = (rel <= padded[:, :-2]) & (rel <= padded[:, 2:])
+    deepest = torch.where(is_min, rel, math.inf).topk(_LOCATE_STARTS, dim=1, largest=False).indices
+    return _newton_from(logw, b, t.gather(1, deepest))
+
+
+def _refine_bracket(logw: Tensor, b: Tensor, lo: Tensor, hi: Tensor, width: float) -> tuple[Tensor, Tensor]:
+    """Shrink [lo, hi] (no zero in |t| < lo; one in |t| ≤ hi, or hi = inf) until hi ≤ lo(1 + width).
+
+    An infinite hi is first found by doubling R; then bisection (geometric) on the zero count.
+    """
+    lo, hi = lo.clone(), hi.clone()
+    while True:
+        todo = torch.nonzero(hi > lo * (1 + width)).squeeze(-1)
+        if todo.numel() == 0:
+            return lo, hi
+        probe = torch.where(torch.isinf(hi[todo]), 2 * lo[todo], torch.sqrt(lo[todo] * hi[todo]))
+        count, resolved = _upper_zero_count(logw[todo], b[todo], probe)
+        hit = (count > 0) | ~resolved
+        hi[todo[hit]], lo[todo[~hit]] = probe[hit], probe[~hit]
+
+
+def _solve_normalized(logw: Tensor, b: Tensor, rtol: float) -> tuple[Tensor, Tensor]:
+    """Certified nearest zero of normalized rows: (radius, ghost with Im > 0 or NaN if only bracketed)."""
+    n = len(logw)
+    ghost = _newton_candidates(logw, b)
+    lo = torch.full((n,), math.pi, dtype=torch.float64)  # zero-free strip |Im t| < π
+    hi = torch.full((n,), math.inf, dtype=torch.float64)
+    radius = torch.full((n,), math.nan, dtype=torch.float64)
+    todo = torch.arange(n)
+    width = _FIRST_WIDTH
+    while todo.numel():
+        found = todo[~torch.isnan(ghost[todo].real)]
+        modulus = ghost[found].abs()
+        both = torch.cat([found, found])
+        count, count_ok = _upper_zero_count(logw[both], b[both], torch.cat([modulus * (1 - rtol), modulus * (1 + rtol)]))
+        (inner, outer), (inner_ok, outer_ok) = count.chunk(2), count_ok.chunk(2)
+        clean = (inner == 0) & inner_ok
+        certified = clean & (outer > 0) & outer_ok
+        radius[found[certified]] = modulus[certified]
+        lo[found[clean]] = torch.maximum(lo[found[clean]], modulus[clean] * (1 - rtol))
+        hi[found[~clean]] = torch.minimum(hi[found[~clean]], modulus[~clean] * (1 - rtol))
+        todo = todo[torch.isnan(radius[todo])]
+        if todo.numel() == 0:
+            break
+        lo[todo], hi[todo] = _refine_bracket(logw[todo], b[todo], lo[todo], hi[todo], max(width, rtol))
+        ghost[todo] = _locate(logw[todo], b[todo], hi[todo])
+        tight = hi[todo] <= lo[todo] * (1 + rtol)
+        done = todo[tight]
+        radius[done] = hi[done]
+        stray = done[ghost[done].abs() > hi[done] * (1 + rtol)]
+        ghost[stray] = _NAN_C
+        todo = todo[~tight]
+        width *= 1e-2
+    return radius, ghost

@@ -1,0 +1,421 @@
+"""Belief-space steps vs MATH_BELIEF.md reference tables, closed forms, finite-difference Jacobians and brute force."""
+from __future__ import annotations
+
+import math
+from decimal import Decimal
+
+import numpy as np
+import pytest
+import torch
+
+from safestep.geometry.simplex import (
+    RULES,
+    ads_step,
+    anchor,
+    backoff,
+    barrier,
+    belief_step_cap,
+    contraction_factor,
+    max_step,
+    mirror_step,
+    mse_step,
+    normalized_entropy,
+    project_to_simplex,
+    projected_step,
+)
+
+f64 = torch.float64
+
+
+def t(x) -> torch.Tensor:
+    return torch.tensor(x, dtype=f64)
+
+
+def assert_printed(value: float, printed: str) -> None:
+    """``value`` rounds to the printed reference: |value − ref| <= half a unit in its last printed digit."""
+    unit = Decimal(1).scaleb(Decimal(printed).as_tuple().exponent)
+    assert abs(value - float(printed)) <= 0.5 * float(unit) * 1.001, (value, printed)
+
+
+def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return torch.special.xlogy(a, a).sum(-1) - torch.special.xlogy(a, b).sum(-1)
+
+
+def random_beliefs(n: int, k: int, seed: int) -> torch.Tensor:
+    return _dirichlet(n, k, torch.Generator().manual_seed(seed))
+
+
+def _dirichlet(n: int, k: int, g: torch.Generator) -> torch.Tensor:
+    e = -torch.rand(n, k, generator=g, dtype=f64).log()  # Exp(1) draws normalised: uniform on the simplex
+    return e / e.sum(-1, keepdim=True)
+
+
+def tangent_basis(k: int) -> np.ndarray:
+    """Orthonormal basis (K, K−1) of T = {Σv = 0}: eigenvectors of P_T = I − 11ᵀ/K with eigenvalue 1."""
+    _, vecs = np.linalg.eigh(np.eye(k) - np.ones((k, k)) / k)
+    return vecs[:, 1:]
+
+
+def tangent_jacobian(step, y: torch.Tensor, eta: float, h: float = 1e-6) -> np.ndarray:
+    """Central-difference Jacobian of p ↦ step(p, y, eta) at p = y, restricted to the tangent space."""
+    basis = tangent_basis(y.shape[-1])
+    cols = []
+    for j in range(basis.shape[1]):
+        u = torch.from_numpy(basis[:, j])
+        cols.append(((step(y + h * u, y, eta) - step(y - h * u, y, eta)) / (2 * h)).numpy())
+    return basis.T @ np.stack(cols, axis=1)
+
+
+# ---------------------------------------------------------------- §4 closed-form CE bound and entropy backoff
+# p, η^CE_max (exact), B, α (exact), η_CE (exact α) as printed in MATH_BELIEF.md §4
+TABLE_4 = [
+    ((0.7, 0.2, 0.1), 2 * 0.1**2 / 0.7, "0.7298467", "1.3087657", "0.0123752"),
+    ((0.98, 0.01, 0.01), 2 * 0.01**2 / 0.98, "0.1018576", "0.1074267", "1.842846e-4"),
+    ((0.6, 0.3, 0.1), 2 * 0.1**2 / 0.6, "0.8173454", "1.7001585", "0.0123450"),
+    ((0.9, 0.1), 2 * 0.1**2 / 0.9, "0.4689956", "0.6329850", "0.0136083"),
+    ((0.4, 0.3, 0.2, 0.1), 2 * 0.1**2 / 0.4, "0.9232197", "2.5668068", "0.0140181"),
+]
+
+
+@pytest.mark.parametrize("p, eta_max, B, alpha, eta_ce", TABLE_4)
+def test_reference_table_section_4(p, eta_max, B, alpha, eta_ce):
+    belief = t(p)
+    assert max_step(belief).item() == pytest.approx(eta_max, rel=1e-12)
+    assert_printed(normalized_entropy(belief).item(), B)
+    assert_printed(barrier(normalized_entropy(belief), eps=0.0).item(), alpha)
+    assert_printed(ads_step(belief, eps=0.0).item(), eta_ce)
+    assert ads_step(belief).item() == pytest.approx(float(eta_ce), rel=1e-5)  # ε = 1e-10 barely moves it
+
+
+@pytest.mark.parametrize("k", [2, 3, 4, 8])
+def test_uniform_belief_exact_barrier_is_infinite(k):
+    uniform = torch.full((k,), 1.0 / k, dtype=f64)
+    assert max_step(uniform).item() == pytest.approx(2.0 / k, rel=1e-12)
+    assert normalized_entropy(uniform).item() == pytest.approx(1.0, abs=1e-15)
+    assert barrier(t(1.0), eps=0.0).item() == math.inf
+    assert ads_step(uniform, eps=0.0).item() == 0.0
+    assert backoff(uniform, eps=0.0).item() == 0.0
+    # ε-regularised: (2/K)/(1 − log(1e-10))
+    assert ads_step(uniform).item() == pytest.approx((2.0 / k) / (1.0 - math.log(1e-10)), rel=1e-6)
+
+
+def test_uniform_k3_regularised_value_and_half_binary():
+    assert_printed(ads_step(torch.full((3,), 1 / 3, dtype=f64)).item(), "0.027748")
+    assert_printed(ads_step(t([0.5, 0.5])).item(), "0.0416")
+
+
+def test_binary_slice_of_figure_2():
+    for tt, printed in [(1e-3, "2.0e-6"), (0.1, "0.0222"), (0.3, "0.257"), (0.5, "1.0")]:
+        assert_printed(max_step(t([tt, 1 - tt])).item(), printed)
+    grid = torch.linspace(0.001, 0.5, 4991, dtype=f64)
+    slice_ = torch.stack([grid, 1 - grid], dim=-1)
+    ads = ads_step(slice_, eps=0.0)
+    assert ads[-1].item() == 0.0  # η_ADS collapses at the exact centre
+    assert_printed(ads.max().item(), "0.124")
+    assert_printed(grid[ads.argmax()].item(), "0.444")
+
+
+def test_barrier_is_accurate_next_to_the_uniform_belief():
+    d = 2.0**-27  # 0.5 ± d is exact in float64; 1 − B ≈ 2d²/log 2 ≈ 1.6e-16, below the rounding of H
+    deficit = ((0.5 + d) * math.log1p(2 * d) + (0.5 - d) * math.log1p(-2 * d)) / math.log(2)
+    assert backoff(t([0.5 + d, 0.5 - d]), eps=0.0).item() == pytest.approx(1 / (1 - math.log(deficit)), rel=1e-6)
+
+
+def test_entropy_matches_numpy_and_limits():
+    p = random_beliefs(50, 5, seed=1)
+    pn = p.numpy()
+    expected = -(pn * np.log(pn)).sum(-1) / np.log(5)
+    np.testing.assert_allclose(normalized_entropy(p).numpy(), expected, rtol=1e-12, atol=1e-15)
+    assert normalized_entropy(t([0.0, 1.0, 0.0])).item() == 0.0  # 0·log 0 = 0
+    assert backoff(t([0.0, 1.0, 0.0])).item() == pytest.approx(1.0, abs=1e-9)
+    b = normalized_entropy(p)
+    np.testing.assert_allclose(barrier(b, eps=0.0).numpy(), -np.log(1 - expected), rtol=1e-10)
+    np.testing.assert_allclose(ads_step(p).numpy(), (max_step(p) * backoff(p)).numpy(), rtol=1e-14)
+    assert (ads_step(p) <= max_step(p)).all()
+
+
+# ---------------------------------------------------------------- §3 rules: paper, sharp, tangent
+TABLE_3 = [
+    ((0.7, 0.2, 0.1), "0.02857", "0.2", "0.25119"),
+    ((0.5, 0.3, 0.2), "0.16", "0.4", "0.4638"),
+    ((0.98, 0.01, 0.01), "2.04e-4", "0.02", "0.02"),
+    ((1 / 3, 1 / 3, 1 / 3), "0.6667", "0.6667", "0.6667"),
+]
+
+
+@pytest.mark.parametrize("y, paper, sharp, tangent", TABLE_3)
+def test_reference_table_section_3(y, paper, sharp, tangent):
+    belief = t(y)
+    for rule, printed in zip(RULES, (paper, sharp, tangent)):
+        assert_printed(max_step(belief, rule).item(), printed)
+
+
+def test_tangent_rule_matches_eigvalsh_and_k3_quadratic():
+    for k in (2, 3, 4, 5, 8):
+        p = random_beliefs(20, k, seed=k)
+        p[0] = t([0.05, 0.05] + [0.9 / (k - 2)] * (k - 2) if k > 2 else [0.5, 0.5])  # two smallest entries tie
+        p[1] = torch.full((k,), 1.0 / k, dtype=f64)
+        p[2, 0], p[2, 1:] = 1e-9, (1 - 1e-9) / (k - 1)
+        for row in p.numpy():
+            proj = np.eye(k) - np.ones((k, k)) / k
+            theta = np.linalg.eigvalsh(proj @ np.diag(1 / row) @ proj)[-1]
+            assert max_step(torch.from_numpy(row), "tangent").item() == pytest.approx(2 / theta, rel=1e-9)
+    y0, y1, y2 = 0.7, 0.2, 0.1  # θ_max = larger root of 3·y0y1y2·θ² − 2(y0y1+y0y2+y1y2)θ + 1 = 0
+    theta = max(np.roots([3 * y0 * y1 * y2, -2 * (y0 * y1 + y0 * y2 + y1 * y2), 1]).real)
+    assert max_step(t([y0, y1, y2]), "tangent").item() == pytest.approx(2 / theta, rel=1e-12)
+
+
+@pytest.mark.parametrize("k, seed", [(3, 0), (3, 1), (4, 2), (5, 3)])
+def test_tangent_threshold_is_where_projected_step_loses_stability(k, seed):
+    y = random_beliefs(1, k, seed=seed)[0] * 0.8 + 0.2 / k  # keep away from the boundary
+    critical = max_step(y, "tangent").item()
+    radius = lambda eta: np.abs(np.linalg.eigvals(tangent_jacobian(projected_step, y, eta))).max()
+    assert radius(0.97 * critical) < 1.0 < radius(1.03 * critical)
+    assert radius(critical) == pytest.approx(1.0, abs=1e-6)
+    assert max_step(y, "paper") <= max_step(y, "sharp") <= max_step(y, "tangent")
+
+
+def test_rules_vanish_on_the_boundary():
+    for rule in RULES:
+        assert max_step(t([0.0, 0.3, 0.7]), rule).item() == 0.0
+
+
+# ---------------------------------------------------------------- §6 MSE comparison
+def test_mse_step_values_and_energy_ratio():
+    assert_printed(mse_step(B=0.9).item(), "0.30279")
+    assert_printed(mse_step(B=t([0.5])).item(), "0.59062")
+    g = torch.Generator().manual_seed(5)
+    p, y = _dirichlet(1, 4, g)[0], _dirichlet(1, 4, g)[0]
+    energy = lambda q: 0.5 * ((q - y) ** 2).sum().item()
+    for s in (0.0, 0.25, 0.5, 1.0, 1.5, 2.0):
+        assert energy((1 - s) * p + s * y) == pytest.approx((1 - s) ** 2 * energy(p), rel=1e-12, abs=1e-18)
+    s = mse_step(B=0.9).item()
+    assert_printed(energy((1 - s) * p + s * y) / energy(p), "0.4861")
+
+
+def test_mse_step_from_belief_equals_entropy_form():
+    p = random_beliefs(6, 3, seed=9).reshape(2, 3, 3)
+    from_p = mse_step(p)
+    assert from_p.shape == (2, 3)
+    np.testing.assert_allclose(from_p.numpy(), mse_step(B=normalized_entropy(p)).numpy(), rtol=1e-12)
+    pn = p.numpy()
+    b = -(pn * np.log(pn)).sum(-1) / np.log(3)
+    np.testing.assert_allclose(from_p.numpy(), 1 / (1 - np.log(1 - b + 1e-10)), rtol=1e-10)
+
+
+# ---------------------------------------------------------------- projection, projected and mirror steps
+def test_projection_satisfies_kkt_against_vertices_and_random_points():
+    g = torch.Generator().manual_seed(11)
+    for k in (2, 3, 7):
+        v = torch.randn(200, k, generator=g, dtype=f64) * 2.0
+        q = project_to_simplex(v)
+        assert (q >= 0).all()
+        np.testing.assert_allclose(q.sum(-1).numpy(), 1.0, atol=1e-12)
+        vertices = torch.eye(k, dtype=f64)
+        # ⟨v − q, r − q⟩ <= 0 for every vertex r is the full optimality certificate (linear in r)
+        assert (torch.einsum("nk,mnk->mn", v - q, vertices[:, None, :] - q) <= 1e-12).all()
+        r = _dirichlet(200, k, g)
+        assert (((v - q) * (r - q)).sum(-1) <= 1e-12).all()
+        assert torch.allclose(project_to_simplex(r), r, atol=1e-15)  # idempotent on Δ
+
+
+def test_projected_step_is_projection_of_the_gradient_step():
+    g = torch.Generator().manual_seed(12)
+    p, y = _dirichlet(8, 4, g), _dirichlet(8, 4, g)
+    eta = torch.rand(8, generator=g, dtype=f64)
+    expected = project_to_simplex(p + eta[:, None] * y / p)
+    assert torch.allclose(projected_step(p, y, eta), expected, atol=1e-15)
+
+
+def test_mirror_step_matches_multiplicative_formula():
+    g = torch.Generator().manual_seed(13)
+    p, y = _dirichlet(10, 5, g), _dirichlet(10, 5, g)
+    eta = np.linspace(0.01, 2.0, 10)
+    pn, yn = p.numpy(), y.numpy()
+    w = pn * np.exp(eta[:, None] * yn / pn)
+    np.testing.assert_allclose(mirror_step(p, y, torch.from_numpy(eta)).numpy(), w / w.sum(-1, keepdims=True), rtol=1e-12)
+
+
+@pytest.mark.parametrize("eta", [0.5, 0.99, 1.01, 1.5])
+def test_mirror_step_local_factor_is_one_minus_eta(eta):
+    for seed, k in [(0, 3), (1, 4), (2, 5)]:
+        y = random_beliefs(1, k, seed=seed)[0] * 0.8 + 0.2 / k
+        eigenvalues = np.linalg.eigvals(tangent_jacobian(mirror_step, y, eta))
+        np.testing.assert_allclose(eigenvalues.real, 1 - eta, atol=1e-6)
+        np.testing.assert_allclose(eigenvalues.imag, 0.0, atol=1e-6)
+
+
+# ---------------------------------------------------------------- anchor and contraction
+def test_anchor_is_empirical_distribution_and_fixed_point():
+    g = torch.Generator().manual_seed(14)
+    for labels, k in [(torch.randint(0, 4, (3, 50), generator=g), 4), ([0, 2, 2, 2, 0], 3)]:
+        a = anchor(labels, k)
+        expected = np.bincount(np.asarray(labels).reshape(-1), minlength=k) / np.asarray(labels).size
+        np.testing.assert_allclose(a.numpy(), expected, rtol=0, atol=1e-15)
+        for eta in (0.01, 1.0, 100.0):
+            assert torch.allclose(projected_step(a, a, eta), a, atol=1e-12)
+            assert torch.allclose(mirror_step(a, a, eta), a, atol=1e-12)
+        other = torch.full((k,), 1.0 / k, dtype=f64)
+        assert not torch.allclose(projected_step(other, a, 0.01), other)  # non-anchors do move
+
+
+def test_contraction_factor_at_the_fixed_point():
+    y = t([0.7, 0.2, 0.1])
+    assert contraction_factor(y, y, max_step(y)).item() == pytest.approx(1.0, abs=1e-14)
+    assert_printed(contraction_factor(y, y, max_step(y) / 4).item(), "0.998469")
+    mu, lipschitz, chi2 = 1 / 0.7, 1 / 0.1, 1 / 0.1  # fastest guaranteed rate at η = μ/L²: 1 − μ²/(L²C)
+    fastest = contraction_factor(y, y, mu / lipschitz**2).item()
+    assert fastest == pytest.approx(1 - mu**2 / (lipschitz**2 * chi2), rel=1e-12)
+    etas = torch.linspace(0.001, 0.05, 50, dtype=f64)
+    assert (contraction_factor(y.expand(50, 3), y.expand(50, 3), etas) >= fastest - 1e-15).all()
+
+
+def near(y: torch.Tensor, n: int, g: torch.Generator) -> torch.Tensor:
+    """n beliefs within radius 0.3·min y of y (inside the simplex)."""
+    d = torch.randn(n, y.shape[-1], generator=g, dtype=f64)
+    d = d - d.mean(-1, keepdim=True)
+    return y + d / d.norm(dim=-1, keepdim=True) * torch.rand(n, 1, generator=g, dtype=f64) * 0.3 * y.min()
+
+
+@pytest.mark.parametrize("y", [(0.7, 0.2, 0.1), (0.4, 0.35, 0.25), (0.5, 0.3, 0.2)])
+def test_euclidean_contraction_with_box_constants(y):
+    target = t(y)
+    g = torch.Generator().manual_seed(15)
+    p1, p2 = near(target, 2000, g), near(target, 2000, g)
+    box_max, box_min = torch.maximum(p1, p2).amax(-1), torch.minimum(p1, p2).amin(-1)
+    mu, lipschitz = target.min() / box_max**2, target.max() / box_min**2  # true Hessian diag(y/p²) on the box
+    for fraction in (0.1, 0.5, 0.9):
+        eta = fraction * 2 * mu / lipschitz**2
+        ys = target.expand_as(p1)
+        lhs = (projected_step(p1, ys, eta) - projected_step(p2, ys, eta)).norm(dim=-1)
+        rhs = torch.sqrt(1 - 2 * eta * mu + eta**2 * lipschitz**2) * (p1 - p2).norm(dim=-1)
+        assert (lhs <= rhs * (1 + 1e-9)).all()
+        assert (lhs < (p1 - p2).norm(dim=-1)).all()
+
+
+@pytest.mark.parametrize("y", [(0.7, 0.2, 0.1), (0.4, 0.35, 0.25), (0.5, 0.3, 0.2)])
+def test_local_kl_contraction_with_contraction_factor(y):
+    target = t(y)
+    g = torch.Generator().manual_seed(16)
+    p1, p2 = near(target, 2000, g), near(target, 2000, g)
+    pair_threshold = 2 * torch.minimum(p1.amin(-1), p2.amin(-1)) ** 2 / torch.maximum(p1.amax(-1), p2.amax(-1))
+    for fraction in (0.1, 0.5, 0.9):
+        eta = fraction * pair_threshold
+        q = contraction_factor(p1, p2, eta)
+        assert (q < 1).all()
+        ys = target.expand_as(p1)
+        assert (kl(projected_step(p1, ys, eta), projected_step(p2, ys, eta)) <= q * kl(p1, p2)).all()
+
+
+# ---------------------------------------------------------------- §7 canonical mirror-descent experiment
+def test_canonical_mirror_descent_run_of_section_7():
+    y1, y2 = t([0.7, 0.2, 0.1]), t([0.1, 0.2, 0.7])
+    p = torch.full((3, 3), 1 / 3, dtype=f64)  # rows: High 1.5, Low 0.02, ADS-aware
+    fixed = t([1.5, 0.02])
+    ads_etas, post_shift_kl, exceeds = [], [], []
+    for step in range(600):
+        target = (y1 if step < 300 else y2).expand(3, 3)
+        eta = torch.cat([fixed, ads_step(p[2]).reshape(1)])
+        ads_etas.append(eta[2].item())
+        exceeds.append((eta > max_step(p)).tolist())
+        p = mirror_step(p, target, eta)
+        if step >= 300:
+            post_shift_kl.append(kl(y2.expand(3, 3), p))
+    post_shift_kl = torch.stack(post_shift_kl)
+    assert torch.equal(p[0], t([1.0, 0.0, 0.0]))  # High collapsed onto the phase-1 vertex e1
+    assert kl(p[0], y2).item() == pytest.approx(math.log(10), rel=1e-12)
+    steps_to = lambda row, threshold: int((post_shift_kl[:, row] < threshold).nonzero()[0]) + 1
+    assert steps_to(1, 1e-4) <= 300 and steps_to(2, 1e-4) <= 300
+    assert abs(steps_to(1, 1e-3) - 188) <= 2 and abs(steps_to(2, 1e-3) - 132) <= 2  # ADS is faster than Low
+    assert_printed(ads_etas[0], "0.0277")
+    assert_printed(min(ads_etas), "0.0126")
+    assert_printed(max(ads_etas), "0.0753")
+    exceeds = np.array(exceeds)
+    assert exceeds[:, 0].all() and not exceeds[:, 1].any() and not exceeds[:, 2].any()
+
+
+# ---------------------------------------------------------------- §8 pull-back cap
+def test_belief_step_cap_against_finite_differences():
+    g = torch.Generator().manual_seed(17)
+    z, a = torch.randn(40, 4, generator=g, dtype=f64) * 2, torch.randn(40, 4, generator=g, dtype=f64)
+    labels = torch.randint(0, 4, (40,), generator=g)
+    tau = 1e-7
+    p = torch.softmax(z, -1).numpy()
+    dp = (torch.softmax(z + tau * a, -1) - torch.softmax(z - tau * a, -1)).numpy() / 2  # Δp for a step τ
+    onehot = np.eye(4)[labels.numpy()]
+    grad = -onehot / p
+    grad_t = grad - grad.mean(-1, keepdims=True)
+    b = -(p * np.log(p)).sum(-1) / np.log(4)
+    for rule, use_backoff in [("paper", True), ("paper", False), ("tangent", True)]:
+        eta_adm = max_step(torch.from_numpy(p), rule).numpy()
+        if use_backoff:
+            eta_adm = eta_adm / (1 - np.log(1 - b + 1e-10))
+        eta_eff = np.linalg.norm(dp, axis=-1) / np.linalg.norm(grad_t, axis=-1)  # linear in τ
+        expected = eta_adm * tau / eta_eff
+        cap = belief_step_cap(z, a, labels, rule=rule, backoff=use_backoff)
+        np.testing.assert_allclose(cap.numpy(), expected, rtol=1e-6)
+
+
+def test_belief_step_cap_without_labels_is_worst_case_over_labels():
+    g = torch.Generator().manual_seed(19)
+    z, a = torch.randn(2, 3, 5, generator=g, dtype=f64), torch.randn(2, 3, 5, generator=g, dtype=f64)
+    unlabeled = belief_step_cap(z, a)
+    assert unlabeled.shape == (2, 3)
+    assert torch.allclose(unlabeled, belief_step_cap(z, a, z.argmax(-1)), rtol=1e-14)
+    for c in range(5):
+        assert (unlabeled <= belief_step_cap(z, a, torch.full((2, 3), c)) * (1 + 1e-12)).all()
+
+
+def test_belief_step_cap_edge_cases():
+    z = t([[0.0, 1.0, 2.0], [0.0, 1.0, 2.0], [0.0, 0.0, 900.0]])
+    a = t([[3.0, 3.0, 3.0], [0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+    cap = belief_step_cap(z, a, torch.tensor([0, 1, 2]))
+    assert cap[0].item() == math.inf  # constant slopes: the belief does not move
+    assert 0 < cap[1].item() < math.inf
+    assert cap[2].item() == 0.0  # min p underflows to 0: no admissible step
+
+
+# ---------------------------------------------------------------- validation
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        ([0.5, -0.1, 0.6], "negative"),
+        ([0.5, 0.2, 0.2], "sum to 1"),
+        ([0.5, float("nan"), 0.5], "NaN"),
+        ([0.5, float("inf"), 0.5], "inf"),
+        ([1.0], "K >= 2"),
+        (1.0, "scalar"),
+    ],
+)
+def test_invalid_beliefs_raise(bad, message):
+    for fn in (normalized_entropy, max_step, ads_step, backoff, mse_step):
+        with pytest.raises(ValueError, match=message):
+            fn(t(bad))
+
+
+def test_other_validation_errors():
+    p = t([0.7, 0.2, 0.1])
+    with pytest.raises(ValueError, match="'paper', 'sharp', 'tangent'"):
+        max_step(p, "fast")
+    with pytest.raises(ValueError, match="exactly one"):
+        mse_step(p, B=0.5)
+    with pytest.raises(ValueError, match="exactly one"):
+        mse_step()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        barrier(1.5)
+    with pytest.raises(ValueError, match="eps"):
+        backoff(p, eps=-1.0)
+    with pytest.raises(ValueError, match="eta must be >= 0"):
+        projected_step(p, p, -0.1)
+    with pytest.raises(ValueError, match="shape"):
+        mirror_step(p, t([0.5, 0.5]), 0.1)
+    with pytest.raises(ValueError, match="integer"):
+        anchor([0.0, 1.0], 2)
+    with pytest.raises(ValueError, match=r"\[0, 3\)"):
+        anchor([0, 3], 3)
+    with pytest.raises(ValueError, match="empty"):
+        anchor([], 3)
+    with pytest.raises(ValueError, match="one label per row"):
+        belief_step_cap(torch.zeros(4, 3), torch.ones(4, 3), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="sum to 1"):
+        contraction_factor(p, t([0.7, 0.2, 0.2]), 0.01)
