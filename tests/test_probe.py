@@ -1,0 +1,263 @@
+"""Probe: slopes against analytic values, finite differences of the trained function, and side effects."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from safestep.probe import (
+    CallArgs,
+    InputCapture,
+    LogitProbe,
+    batch_size,
+    extract_logits,
+    probe_rows,
+    take_rows,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    """Tiny models: intra-op threads only add contention on a shared machine (restored afterwards)."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+def _unit_direction(model, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    d = {n: torch.randn(p.shape, generator=g, dtype=p.dtype) for n, p in model.named_parameters()}
+    norm = torch.sqrt(sum((v**2).sum() for v in d.values()))
+    return {n: v / norm for n, v in d.items()}
+
+
+def _params(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _central_difference(model, params, direction, x, h=1e-5):
+    """Independent reference: write θ ± h v into a copy of the live module and call it."""
+    twin = copy.deepcopy(model)
+    outs = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for name, p in twin.named_parameters():
+                p.copy_(params[name] + sign * h * direction[name])
+            outs.append(copy.deepcopy(twin)(x))  # a fresh copy per call: running stats never carry over
+    return (outs[0] - outs[1]) / (2 * h)
+
+
+@pytest.mark.parametrize("method", ["jvp", "fd"])
+def test_linear_model_slopes_are_dW_x_plus_db(method):
+    torch.manual_seed(0)
+    model = nn.Linear(6, 4).double()
+    x = torch.randn(9, 6, dtype=torch.float64)
+    v = _unit_direction(model)
+    out = LogitProbe(model)(_params(model), v, x, method)
+    expected = x @ v["weight"].T + v["bias"]
+    assert out.method == method
+    torch.testing.assert_close(out.slopes, expected, rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(out.logits, model(x).detach(), rtol=1e-7, atol=1e-9)
+
+
+def test_jvp_and_fd_agree_on_a_smooth_model():
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 16), nn.Softplus(), nn.Linear(16, 3)).double()
+    x = torch.randn(12, 5, dtype=torch.float64)
+    probe, v, theta = LogitProbe(model), _unit_direction(model, 1), _params(model)
+    jvp = probe(theta, v, x, "jvp")
+    fd = probe(theta, v, x, "fd")
+    torch.testing.assert_close(jvp.slopes, fd.slopes, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close(jvp.slopes, _central_difference(model, theta, v, x), rtol=1e-7, atol=1e-9)
+
+
+def test_probe_is_taken_at_the_given_parameters_not_the_live_ones():
+    torch.manual_seed(2)
+    model = nn.Linear(4, 3).double()
+    theta0 = _params(model)
+    with torch.no_grad():
+        model.weight.add_(1.0)  # the live module has moved on (as after the inner step)
+    x = torch.randn(5, 4, dtype=torch.float64)
+    out = LogitProbe(model)(theta0, _unit_direction(model), x)
+    torch.testing.assert_close(out.logits, x @ theta0["weight"].T + theta0["bias"])
+
+
+def _bn_net():
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)).double()
+
+
+def test_batchnorm_train_mode_uses_batch_statistics_and_keeps_running_stats():
+    torch.manual_seed(3)
+    model = _bn_net().train()
+    x = torch.randn(8, 2, 6, 6, dtype=torch.float64)
+    buffers = {n: b.clone() for n, b in model.named_buffers()}
+    theta, v = _params(model), _unit_direction(model, 3)
+    probe = LogitProbe(model)
+    assert probe.uses_batch_statistics()
+    out = probe(theta, v, x, "jvp")
+    for name, b in model.named_buffers():
+        assert torch.equal(b, buffers[name]), name
+    torch.testing.assert_close(out.logits, copy.deepcopy(model)(x).detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(out.slopes, _central_difference(model, theta, v, x), rtol=1e-6, atol=1e-8)
+    eval_slopes = probe(theta, v, x, "jvp").slopes
+    model.eval()
+    assert not probe.uses_batch_statistics()
+    assert not torch.allclose(probe(theta, v, x, "jvp").slopes, eval_slopes)  # the mode matters, and is kept
+
+
+def test_dropout_is_disabled_and_rng_untouched():
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(5, 32), nn.ReLU(), nn.Dropout(0.5), nn.Linear(32, 3)).double().train()
+    x = torch.randn(10, 5, dtype=torch.float64)
+    theta, v = _params(model), _unit_direction(model, 4)
+    rng = torch.get_rng_state()
+    out = LogitProbe(model)(theta, v, x, "jvp")
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert model[2].training  # restored
+    deterministic = copy.deepcopy(model).eval()
+    torch.testing.assert_close(out.logits, deterministic(x).detach())
+    w1, w2 = theta["0.weight"], theta["3.weight"]
+    h = x @ w1.T + theta["0.bias"]
+    dh = x @ v["0.weight"].T + v["0.bias"]
+    expected = (torch.relu(h) @ v["3.weight"].T + v["3.bias"]) + ((h > 0) * dh) @ w2.T
+    torch.testing.assert_close(out.slopes, expected)
+
+
+def test_attention_jvp_uses_a_kernel_with_forward_ad_and_drops_attention_dropout():
+    torch.manual_seed(5)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.3, batch_first=True)
+    model = nn.Sequential(layer, nn.Linear(16, 5)).train()
+    x = torch.randn(3, 4, 16)
+    theta, v = _params(model), _unit_direction(model, 5)
+    probe = LogitProbe(model)
+    out = probe(theta, v, x, "jvp")
+    assert out.logits.shape == (3, 4, 5) and layer.self_attn.dropout == 0.3 and layer.dropout1.training
+    again = probe(theta, v, x, "jvp")
+    assert torch.equal(out.slopes, again.slopes)  # deterministic: no dropout masks
+    fd = probe(theta, v, x, "fd")
+    torch.testing.assert_close(out.slopes, fd.slopes, rtol=2e-2, atol=2e-3)
+
+
+class _NoForwardAD(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class _Custom(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 4).double()
+
+    def forward(self, x):
+        return _NoForwardAD.apply(self.lin(x))
+
+
+def test_auto_falls_back_to_finite_differences():
+    torch.manual_seed(6)
+    model = _Custom()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    theta, v = _params(model), _unit_direction(model, 6)
+    probe = LogitProbe(model)
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        probe(theta, v, x, "jvp")
+    out = probe(theta, v, x, "auto")
+    assert out.method == "fd"
+    torch.testing.assert_close(out.slopes, 2 * (x @ v["lin.weight"].T + v["lin.bias"]), rtol=1e-7, atol=1e-9)
+
+
+def test_no_autograd_state_is_left_behind():
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    x = torch.randn(6, 4)
+    model(x).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters()]
+    for method in ("jvp", "fd"):
+        out = LogitProbe(model)(_params(model), _unit_direction(model), x, method)
+        assert not out.logits.requires_grad and not out.slopes.requires_grad
+        assert out.logits.grad_fn is None and out.slopes.grad_fn is None
+    assert all(torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads))
+
+
+class _TinyLM(nn.Module):
+    def __init__(self, vocab=11, d=6):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.out = nn.Linear(d, vocab)
+
+    def forward(self, input_ids, scale=1.0):
+        return {"logits": self.out(self.emb(input_ids)) * scale}
+
+
+def test_sequence_logits_through_dict_inputs_and_logits_fn():
+    torch.manual_seed(8)
+    model = _TinyLM().double()
+    ids = torch.randint(0, 11, (3, 5))
+    theta, v = _params(model), _unit_direction(model, 8)
+    out = LogitProbe(model)(theta, v, {"input_ids": ids, "scale": 2.0}, "jvp")
+    assert out.slopes.shape == (3, 5, 11)
+    e, de = theta["emb.weight"][ids], v["emb.weight"][ids]
+    expected = 2.0 * (e @ v["out.weight"].T + v["out.bias"] + de @ theta["out.weight"].T)
+    torch.testing.assert_close(out.slopes, expected)
+    custom = LogitProbe(model, logits_fn=lambda m, inp: m(inp)["logits"][:, -1])
+    assert custom(theta, v, ids, "jvp").slopes.shape == (3, 11)
+    bad = LogitProbe(model, logits_fn=lambda m, inp: m(inp)["logits"].argmax(-1))
+    with pytest.raises(ValueError, match="floating"):
+        bad(theta, v, ids, "fd")
+
+
+def test_extract_logits_forms_and_error():
+    t = torch.zeros(2, 3)
+
+    class Out:
+        logits = t
+
+    assert extract_logits(t) is t and extract_logits(Out()) is t
+    assert extract_logits({"logits": t}) is t and extract_logits((t, 1)) is t
+    with pytest.raises(ValueError, match="logits_fn"):
+        extract_logits("nope")
+
+
+def test_rows_and_batch_helpers():
+    assert probe_rows(128, 16).tolist() == list(range(0, 128, 8))
+    assert probe_rows(10, 4).tolist() == [0, 2, 5, 7]
+    assert probe_rows(10, None) is None and probe_rows(10, 10) is None
+    x, mask = torch.arange(10).view(5, 2), torch.ones(5, 3)
+    rows = torch.tensor([1, 3])
+    call = take_rows(CallArgs((x,), {"mask": mask, "flag": 3}), rows, 5)
+    assert call.args[0].tolist() == [[2, 3], [6, 7]] and call.kwargs["mask"].shape == (2, 3)
+    assert call.kwargs["flag"] == 3
+    assert take_rows((x, torch.zeros(7)), rows, 5)[1].shape == (7,)  # not a batch tensor: untouched
+    assert batch_size({"a": 1, "b": x}) == 5
+    with pytest.raises(ValueError, match="batch"):
+        batch_size((1, 2))
+
+
+def test_input_capture_keeps_the_last_training_call():
+    model = nn.Linear(3, 2)
+    capture = InputCapture(model)
+    a, b = torch.randn(4, 3), torch.randn(2, 3)
+    model(a)
+    with torch.no_grad():
+        model(b)  # evaluation: ignored
+    with capture.paused():
+        model(b)
+    assert capture.pop() is a and capture.pop() is None
+    model(b)
+    assert capture.pop() is b
+    capture.remove()
+    model(a)
+    assert capture.pop() is None
+
+
+def test_invalid_method_and_mismatched_direction():
+    model = nn.Linear(2, 2)
+    probe = LogitProbe(model)
+    with pytest.raises(ValueError, match="method"):
+        probe(_params(model), _unit_direction(model), torch.ones(1, 2), "exact")
+    with pytest.raises(ValueError, match="same tensors"):
+        probe(_params(model), {"weight": torch.ones(2, 2)}, torch.ones(1, 2))
