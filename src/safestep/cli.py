@@ -1,4 +1,4 @@
-"""The ``safestep`` command line: ``safestep demo [--out DIR] [--seed N] [--steps N] [--quick]``, ``safestep --version``.
+"""The ``safestep`` command line: ``demo``, ``list``, ``reproduce NAME|all`` and ``--version``.
 
 Each subcommand is one ``_add_<name>`` function that registers its parser and its handler; add new ones there.
 """
@@ -66,12 +66,84 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_demo)
 
 
+def _run_list(args: argparse.Namespace) -> int:
+    from .lab.experiments import REGISTRY, load
+
+    rows = [("name", "paper", "full run", "--quick", "what it checks")]
+    for name in REGISTRY:
+        exp = load(name)
+        rows.append((exp.name, exp.paper_ref, exp.full_time, exp.quick_time, exp.summary))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4])
+    return 0
+
+
+def _run_reproduce(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    import torch
+    from tqdm import tqdm
+
+    from .lab.experiments import REGISTRY, RunOptions, load
+    from .lab.report import write_combined_report, write_result
+
+    names = list(REGISTRY) if args.name == "all" else [args.name]
+    try:
+        experiments = [load(name) for name in names]
+    except ValueError as error:
+        print(f"safestep reproduce: {error}", file=sys.stderr)
+        return 2
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    results = []
+    for exp in experiments:
+        with tqdm(desc=exp.name, unit="unit", disable=args.no_progress) as bar:
+
+            def advance(done: int, total: int, label: str, bar: tqdm = bar) -> None:
+                bar.total = total
+                bar.set_postfix_str(label, refresh=False)
+                bar.update(done - bar.n)
+
+            result = exp.run(RunOptions(quick=args.quick, seeds=args.seeds, progress=advance))
+        paths = write_result(result, out / exp.name if len(experiments) > 1 else out)
+        results.append(result)
+        print(f"\n{result.title} ({result.seconds:.1f} s)")
+        for claim in result.claims:
+            print(f"  [{claim.verdict}] {claim.claim}: paper {claim.paper} | ours {claim.ours}")
+        print("  wrote " + ", ".join(str(p) for p in paths.values()))
+    if len(experiments) > 1:
+        print(f"\ncombined report: {write_combined_report(results, out)}")
+    return 0
+
+
+def _add_list(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser("list", help="name every reproducible experiment with its paper reference and run times")
+    parser.set_defaults(handler=_run_list)
+
+
+def _add_reproduce(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "reproduce",
+        help="re-run a paper experiment (or all) and write results.json, figures and a paper-vs-ours report.md",
+    )
+    parser.add_argument("name", help="an experiment from `safestep list`, or `all`")
+    parser.add_argument("--quick", action="store_true", help="the CI-sized variant (under a minute each)")
+    parser.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (default: the experiment's)")
+    parser.add_argument("--out", default="safestep-out", help="output folder (default: ./safestep-out)")
+    parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+    parser.set_defaults(handler=_run_reproduce)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="safestep", description="Provably bounded training steps for cross-entropy models.")
     parser.add_argument("--version", action="version", version=f"safestep {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_demo(subparsers)
+    _add_list(subparsers)
+    _add_reproduce(subparsers)
     return parser
 
 

@@ -7,10 +7,8 @@ compared across methods. Outputs: results.json, demo.png and report.md, each wri
 """
 from __future__ import annotations
 
-import json
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -19,6 +17,7 @@ from typing import IO, Any, Callable
 import torch
 
 from .data import Split, load_digits_split
+from .io import json_ready, write_atomically, write_json, write_text
 from .models import build_model
 from .training import TrainResult, lr_spike, train
 
@@ -86,17 +85,7 @@ class DemoResult:
             "torch_version": torch.__version__,
             "runs": [{"model": m, "method": k, **res.to_dict()} for (m, k), res in self.runs.items()],
         }
-        return _json_ready(payload)
-
-
-def _json_ready(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    return value
+        return json_ready(payload)
 
 
 def run_demo(config: DemoConfig, progress: Callable[[int, str], None] | None = None) -> DemoResult:
@@ -240,26 +229,12 @@ def _report_markdown(result: DemoResult) -> str:
     ])
 
 
-def _write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write into a temporary file next to ``path``, then rename it over ``path`` (no half-written files)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
 def write_outputs(result: DemoResult, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     """Write results.json, demo.png and report.md into ``out_dir`` (created if missing); returns their paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {name: out / name for name in ("results.json", "demo.png", "report.md")}
-    json_text = json.dumps(result.to_dict(), indent=1)
-    _write_atomically(paths["results.json"], lambda h: h.write(json_text.encode()))
-    _write_atomically(paths["demo.png"], lambda h: _plot(result, h))
-    _write_atomically(paths["report.md"], lambda h: h.write(_report_markdown(result).encode()))
+    write_json(paths["results.json"], result.to_dict())
+    write_atomically(paths["demo.png"], lambda h: _plot(result, h))
+    write_text(paths["report.md"], _report_markdown(result))
     return paths

@@ -1,0 +1,52 @@
+"""The experiments of `safestep reproduce`: one module per paper claim, each exposing ``EXPERIMENT``.
+
+``REGISTRY`` maps a name to its module path; ``load(name)`` imports it on demand so `safestep list` stays fast.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable
+
+from ..report import ExperimentResult
+
+__all__ = ["Progress", "RunOptions", "Experiment", "REGISTRY", "load"]
+
+Progress = Callable[[int, int, str], None]
+"""progress(done, total, label): called as units of work complete."""
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """How to run an experiment: the quick (CI) variant or the full one, and how many seeds (None = default)."""
+
+    quick: bool = False
+    seeds: int | None = None
+    progress: Progress | None = None
+
+    def report(self, done: int, total: int, label: str) -> None:
+        """Forward progress to the callback, if any."""
+        if self.progress is not None:
+            self.progress(done, total, label)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    """A reproducible claim: its name, paper reference, summary, expected run times and the function running it."""
+
+    name: str
+    paper_ref: str
+    summary: str
+    full_time: str
+    quick_time: str
+    run: Callable[[RunOptions], ExperimentResult]
+
+
+REGISTRY: dict[str, str] = {}
+
+
+def load(name: str) -> Experiment:
+    """Import and return the experiment called ``name`` (ValueError listing the known names otherwise)."""
+    if name not in REGISTRY:
+        raise ValueError(f"unknown experiment {name!r}; known: {', '.join(REGISTRY) or 'none'}")
+    return importlib.import_module(REGISTRY[name]).EXPERIMENT

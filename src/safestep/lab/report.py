@@ -1,0 +1,125 @@
+"""The reproduction lab's result contract and its writers: results.json, PNG figures and report.md.
+
+Every experiment returns an ``ExperimentResult``: its protocol, configuration, seeds, metrics and a list of
+``Claim`` rows that put the paper's number beside ours with a plain verdict. ``write_result`` writes one
+experiment's folder; ``write_combined_report`` indexes several.
+"""
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from .io import write_figure, write_json, write_text
+
+__all__ = ["VERDICTS", "Claim", "ExperimentResult", "environment", "write_result", "write_combined_report"]
+
+VERDICTS = ("holds", "differs", "partly", "not in paper")
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One row of "paper vs ours": the claim, the paper's number, ours, a verdict and the protocol used."""
+
+    claim: str
+    paper: str
+    ours: str
+    verdict: str
+    protocol: str = ""
+
+    def __post_init__(self) -> None:
+        if self.verdict not in VERDICTS:
+            raise ValueError(f"verdict must be one of {VERDICTS}, got {self.verdict!r}")
+
+
+@dataclass
+class ExperimentResult:
+    """What one experiment measured. ``figures`` maps a file stem to a function building a matplotlib Figure."""
+
+    name: str
+    title: str
+    paper_ref: str
+    protocol: str
+    config: dict[str, Any]
+    seeds: list[int]
+    metrics: dict[str, Any]
+    claims: list[Claim]
+    figures: dict[str, Callable[[], Any]] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def environment() -> dict[str, Any]:
+    """Versions and machine facts recorded with every result."""
+    import numpy
+    import torch
+
+    from .. import __version__
+
+    return {
+        "safestep": __version__,
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def _claims_table(claims: list[Claim]) -> list[str]:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").replace("\n", " ")
+
+    rows = ["| claim | paper | ours | verdict |", "|---|---|---|---|"]
+    rows += [f"| {cell(c.claim)} | {cell(c.paper)} | {cell(c.ours)} | **{c.verdict}** |" for c in claims]
+    return rows
+
+
+def _markdown(result: ExperimentResult, figure_files: list[str]) -> str:
+    lines = [f"# {result.title}", "", f"Paper reference: {result.paper_ref}. "
+             f"Command: `safestep reproduce {result.name}`. Seeds: {result.seeds}. "
+             f"Run time: {result.seconds:.1f} s.", "", "## Protocol", "", result.protocol, "",
+             "## Paper vs ours", ""]
+    lines += _claims_table(result.claims)
+    protocols = [(c.claim, c.protocol) for c in result.claims if c.protocol]
+    if protocols:
+        lines += ["", "Protocol per claim:", ""] + [f"- *{claim}*: {text}" for claim, text in protocols]
+    if result.notes:
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in result.notes]
+    if figure_files:
+        lines += ["", "## Figures", ""] + [f"![{name}]({name})" for name in figure_files]
+    lines += ["", "Raw numbers, configuration and environment: `results.json`.", ""]
+    return "\n".join(lines)
+
+
+def write_result(result: ExperimentResult, out_dir: str | Path) -> dict[str, Path]:
+    """Write results.json, one PNG per figure and report.md into ``out_dir``; returns the written paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+    for stem, build in result.figures.items():
+        paths[f"{stem}.png"] = write_figure(out / f"{stem}.png", build())
+    payload = {
+        "name": result.name, "title": result.title, "paper_ref": result.paper_ref, "protocol": result.protocol,
+        "config": result.config, "seeds": result.seeds, "seconds": result.seconds, "environment": environment(),
+        "claims": [vars(c) for c in result.claims], "notes": result.notes, "metrics": result.metrics,
+    }
+    paths["results.json"] = write_json(out / "results.json", payload)
+    paths["report.md"] = write_text(out / "report.md", _markdown(result, [p for p in paths if p.endswith(".png")]))
+    return paths
+
+
+def write_combined_report(results: list[ExperimentResult], out_dir: str | Path) -> Path:
+    """Write out_dir/report.md: every experiment's claims in one table, linking each experiment's folder."""
+    lines = ["# safestep reproduction report", "",
+             "Each experiment's folder holds its own report.md, results.json and figures.", "",
+             "| experiment | claim | paper | ours | verdict |", "|---|---|---|---|---|"]
+    for result in results:
+        for c in result.claims:
+            lines.append(f"| [{result.name}]({result.name}/report.md) | {c.claim} | {c.paper} | {c.ours} | "
+                         f"**{c.verdict}** |")
+    verdicts = [c.verdict for r in results for c in r.claims]
+    lines += ["", "Verdicts: " + ", ".join(f"{v} {verdicts.count(v)}" for v in VERDICTS if verdicts.count(v)), ""]
+    return write_text(Path(out_dir) / "report.md", "\n".join(lines))
