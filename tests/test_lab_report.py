@@ -1,0 +1,125 @@
+"""The lab's output contract: atomic writes, JSON conversion, report files and the list/reproduce CLI."""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from safestep.cli import main
+from safestep.lab import experiments
+from safestep.lab.experiments import Experiment, RunOptions
+from safestep.lab.io import json_ready, write_atomically, write_json
+from safestep.lab.report import Claim, ExperimentResult, write_combined_report, write_result
+
+
+def test_json_ready_converts_tensors_arrays_and_non_finite_floats():
+    payload = {"a": torch.tensor(1.5), "b": [math.inf, -math.inf, math.nan], 3: torch.arange(3)}
+    assert json_ready(payload) == {"a": 1.5, "b": ["inf", "-inf", "nan"], "3": [0, 1, 2]}
+
+
+def test_write_atomically_leaves_no_file_when_the_writer_fails(tmp_path: Path):
+    target = tmp_path / "out.json"
+    write_json(target, {"x": 1})
+
+    def broken(handle):
+        handle.write(b"partial")
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        write_atomically(target, broken)
+    assert json.loads(target.read_text()) == {"x": 1}  # the old content survives
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.json"]  # no temp file left behind
+
+
+def test_claim_rejects_unknown_verdict():
+    with pytest.raises(ValueError, match="verdict"):
+        Claim("c", "1", "2", "roughly")
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    fig = Figure()
+    fig.add_subplot().plot([0, 1], [1, 0])
+    return fig
+
+
+def _result(name: str = "toy") -> ExperimentResult:
+    return ExperimentResult(
+        name=name, title="Toy claim", paper_ref="Fig. 0", protocol="two numbers", config={"steps": 3},
+        seeds=[0], metrics={"value": 0.5, "curve": [1.0, math.nan]},
+        claims=[Claim("value is one half", "0.5", "0.5", "holds"), Claim("pipe | in text", "1", "2", "differs")],
+        figures={"curve": _figure}, notes=["a note"], seconds=0.25,
+    )
+
+
+def test_write_result_writes_json_png_and_markdown(tmp_path: Path):
+    paths = write_result(_result(), tmp_path)
+    assert set(paths) == {"curve.png", "results.json", "report.md"}
+    assert (tmp_path / "curve.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    data = json.loads((tmp_path / "results.json").read_text())
+    assert data["metrics"]["curve"] == [1.0, "nan"]
+    assert data["environment"]["torch"] == torch.__version__
+    assert data["claims"][1]["verdict"] == "differs"
+    report = (tmp_path / "report.md").read_text()
+    assert "| value is one half | 0.5 | 0.5 | **holds** |" in report
+    assert "pipe \\| in text" in report  # table cells are escaped
+    assert "![curve.png](curve.png)" in report
+
+
+def test_combined_report_counts_verdicts(tmp_path: Path):
+    path = write_combined_report([_result("a"), _result("b")], tmp_path)
+    text = path.read_text()
+    assert "[a](a/report.md)" in text and "[b](b/report.md)" in text
+    assert "Verdicts: holds 2, differs 2" in text
+
+
+@pytest.fixture
+def toy_registry(monkeypatch: pytest.MonkeyPatch):
+    calls: list[RunOptions] = []
+    registry = {}
+    for name in ("toy", "toy2"):
+        module = types.ModuleType(f"safestep_{name}_experiment")
+
+        def run(options: RunOptions, name: str = name) -> ExperimentResult:
+            calls.append(options)
+            options.report(1, 2, "half")
+            options.report(2, 2, "done")
+            return _result(name)
+
+        module.EXPERIMENT = Experiment(name, "Fig. 0", "a toy", "1 s", "0.1 s", run)
+        monkeypatch.setitem(sys.modules, module.__name__, module)
+        registry[name] = module.__name__
+    monkeypatch.setattr(experiments, "REGISTRY", registry)
+    return calls
+
+
+def test_list_and_reproduce_run_through_the_registry(tmp_path: Path, toy_registry, capsys):
+    assert main(["list"]) == 0
+    assert "Fig. 0" in capsys.readouterr().out
+    out = tmp_path / "run"
+    assert main(["reproduce", "toy", "--quick", "--seeds", "2", "--out", str(out), "--no-progress"]) == 0
+    assert toy_registry[-1].quick and toy_registry[-1].seeds == 2
+    assert (out / "report.md").exists() and (out / "results.json").exists()
+    printed = capsys.readouterr().out
+    assert "[holds] value is one half" in printed
+
+
+def test_reproduce_all_writes_one_folder_per_experiment_and_a_combined_report(tmp_path: Path, toy_registry):
+    assert main(["reproduce", "all", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert (tmp_path / "toy" / "report.md").exists() and (tmp_path / "toy2" / "results.json").exists()
+    assert "Verdicts:" in (tmp_path / "report.md").read_text()
+
+
+def test_reproduce_unknown_name_exits_2(tmp_path: Path, toy_registry, capsys):
+    assert main(["reproduce", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown experiment 'nope'" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
