@@ -1,0 +1,405 @@
+"""find_lr: the largest base learning rate λ whose warm-up steps all keep r = τ/ρ ≤ 1 (MATH_RADIUS.md §A2, §A5).
+
+For an optimizer whose update is linear in the learning rate given its state — SGD (with or without momentum,
+Nesterov, weight decay), Adam/AdamW, NAdam, RAdam, RMSprop, Adagrad: Δθ = λ·u — the step at LR λ has length
+τ = λ‖u‖ along a direction that does not depend on λ, so its radius ρ does not either and r = λ‖u‖/ρ. One
+measured step at λ therefore gives the largest LR that step could have used: lr_safe = λ·ρ/τ = λ/r.
+
+That reading holds along the trajectory that was trained; training at another LR changes the trajectory. So the
+finder runs *rounds*: each round restores the initial model and optimizer, re-seeds, trains ``num_steps`` plain
+steps at a constant λ_k (the SafeStep guard only measures) and records (τ, ρ, r, lr_safe) per step. The next LR is
+λ_{k+1} = min_t lr_safe_t = λ_k / max_t r_t (exact if the trajectory did not depend on λ), kept inside the
+bracket (largest verified λ, smallest failed λ) by a geometric mean when it leaves it. A round is *verified*
+when every one of its steps had r ≤ 1. The suggestion is the largest verified λ: training at it on the same
+batches (same seed and loader order) keeps r ≤ 1 on every warm-up step — measured, not extrapolated.
+"""
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .bounds import Aggregate, BoundSpec
+from .guard import SafeStep
+from .probe import Inputs, LogitsFn, default_logits_fn
+
+__all__ = ["LRStep", "LRRound", "LRFinderResult", "find_lr", "cross_entropy"]
+
+# SafeStep as a pure monitor: with r = the largest float, cap mode scales a step only if τ/ρ > 1.8e308.
+_MONITOR_R = sys.float_info.max
+
+LossFn = Callable[[Tensor, Any], Tensor]
+InputsFn = Callable[[Any], "tuple[Inputs, Any]"]
+Progress = Callable[["LRStep"], None]
+
+
+@dataclass(frozen=True)
+class LRStep:
+    """One measured warm-up step: τ = ‖Δθ‖ at LR ``lr``, radius ρ along Δθ/τ, r = τ/ρ, lr_safe = lr·ρ/τ.
+
+    ``loss`` is the training loss of the batch before the step; ``skipped`` marks a non-finite gradient or
+    update (SafeStep left the parameters unchanged; r and lr_safe are nan).
+    """
+
+    round: int
+    step: int
+    lr: float
+    loss: float
+    tau: float
+    rho: float
+    r: float
+    lr_safe: float
+    skipped: bool
+
+
+@dataclass(frozen=True)
+class LRRound:
+    """``num_steps`` warm-up steps from the initial state at one constant base LR ``lr``."""
+
+    lr: float
+    steps: tuple[LRStep, ...]
+
+    @property
+    def max_r(self) -> float:
+        """max_t r_t over the round (inf when a step was skipped: a non-finite step is never safe)."""
+        if any(s.skipped for s in self.steps):
+            return math.inf
+        return max(s.r for s in self.steps)
+
+    @property
+    def verified(self) -> bool:
+        """True when every step of the round had r ≤ 1."""
+        return self.max_r <= 1.0
+
+    @property
+    def proposal(self) -> float:
+        """min_t lr_safe_t over the measured steps = lr / max_t r_t (nan when no step could be measured)."""
+        measured = [s.lr_safe for s in self.steps if not s.skipped]
+        return min(measured) if measured else math.nan
+
+
+@dataclass(frozen=True)
+class LRFinderResult:
+    """The rounds of a safe-LR search and the suggestion read from them.
+
+    ``suggestion`` is the largest base LR of a verified round (every warm-up step at r ≤ 1), or — when no round
+    was verified (``verified`` False) — the LR the search would have tried next, which is untested. It is
+    ``inf`` when no step limited the LR (zero updates or zero slope spread throughout).
+    """
+
+    suggestion: float
+    verified: bool
+    rounds: tuple[LRRound, ...]
+    window: int = 5
+
+    @property
+    def best_round(self) -> LRRound:
+        """The round trained at the suggestion (the last round when none was verified)."""
+        verified = [r for r in self.rounds if r.verified]
+        return max(verified, key=lambda r: r.lr) if verified else self.rounds[-1]
+
+    @property
+    def steps(self) -> tuple[LRStep, ...]:
+        """The per-step records of ``best_round``."""
+        return self.best_round.steps
+
+    @property
+    def lr_safe(self) -> list[float]:
+        """lr_safe_t = λ·ρ_t/τ_t per warm-up step of ``best_round``: the LR at which step t alone reaches r = 1."""
+        return [s.lr_safe for s in self.steps]
+
+    @property
+    def schedule(self) -> list[float]:
+        """A per-step LR schedule: min of lr_safe over a centered window of ``window`` steps (a floor of the noise).
+
+        It is read along the trajectory trained at the suggestion; a schedule that trains faster leaves that
+        trajectory, so treat it as the shape of the headroom (how much more LR the later warm-up steps tolerate),
+        and verify it — e.g. by training with SafeStep(mode="cap") and watching how often it caps.
+        """
+        return rolling_min(self.lr_safe, self.window)
+
+    def plot(self, ax: Any = None) -> Any:
+        """r_t per warm-up step for every round (log y) with the r = 1 line; returns the matplotlib Axes."""
+        ax = _axes(ax)
+        best = self.best_round
+        for k, rnd in enumerate(self.rounds):
+            mark = "  ← suggestion" if rnd is best and self.verified else ""
+            ax.plot([s.step for s in rnd.steps], [_positive(s.r) for s in rnd.steps], marker=".",
+                    linewidth=2.2 if rnd is best else 1.0, alpha=1.0 if rnd is best else 0.55,
+                    label=f"round {k}: lr={rnd.lr:.3g}, max r={rnd.max_r:.3g}{mark}")
+        ax.axhline(1.0, color="black", linestyle="--", linewidth=1.2, label="r = 1 (radius of convergence)")
+        ax.set_yscale("log")
+        ax.set_xlabel("warm-up step")
+        ax.set_ylabel("r = τ/ρ (normalized step)")
+        ax.set_title(f"safe LR search: suggestion {self.suggestion:.3g}" + ("" if self.verified else " (unverified)"))
+        ax.legend(fontsize="small")
+        ax.grid(True, which="both", alpha=0.3)
+        return ax
+
+    def plot_schedule(self, ax: Any = None) -> Any:
+        """lr_safe_t per warm-up step (log y), the windowed-min schedule and the suggestion; returns the Axes."""
+        ax = _axes(ax)
+        steps = [s.step for s in self.steps]
+        ax.plot(steps, [_positive(v) for v in self.lr_safe], ".", color="tab:blue",
+                label=f"lr_safe per step (round at lr={self.best_round.lr:.3g})")
+        ax.plot(steps, [_positive(v) for v in self.schedule], color="tab:blue", linewidth=2.0,
+                label=f"schedule (min over {self.window} steps)")
+        ax.axhline(self.suggestion, color="tab:green", linewidth=1.5, label=f"suggestion {self.suggestion:.3g}")
+        ax.set_yscale("log")
+        ax.set_xlabel("warm-up step")
+        ax.set_ylabel("base learning rate")
+        ax.set_title("largest LR with r ≤ 1, per warm-up step")
+        ax.legend(fontsize="small")
+        ax.grid(True, which="both", alpha=0.3)
+        return ax
+
+
+def rolling_min(values: Sequence[float], window: int) -> list[float]:
+    """m_t = min(values[t − ⌊w/2⌋ : t + ⌊w/2⌋ + 1]) (nan entries ignored; nan where the window has none)."""
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be a positive int, got {window!r}")
+    half = window // 2
+    out = []
+    for t in range(len(values)):
+        finite = [v for v in values[max(0, t - half): t + half + 1] if not math.isnan(v)]
+        out.append(min(finite) if finite else math.nan)
+    return out
+
+
+def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
+    """Mean cross-entropy over all rows; (B, T, V) logits are flattened to (B·T, V) with labels (B, T)."""
+    if logits.ndim > 2:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+    return F.cross_entropy(logits, labels)
+
+
+def find_lr(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    loader: Iterable[Any],
+    *,
+    num_steps: int = 30,
+    initial_lr: float | None = None,
+    rounds: int = 6,
+    rtol: float = 0.05,
+    window: int = 5,
+    loss_fn: LossFn = cross_entropy,
+    inputs_fn: InputsFn | None = None,
+    logits_fn: LogitsFn | None = None,
+    bound: BoundSpec = "ghost",
+    method: str = "auto",
+    probe_size: int | None = None,
+    aggregate: Aggregate = "max",
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> LRFinderResult:
+    """λ* = the largest base LR whose ``num_steps`` warm-up steps all have r = τ/ρ ≤ 1 (searched in rounds).
+
+    Each round trains ``num_steps`` batches of ``loader`` (re-iterated if shorter) from the initial state at a
+    constant LR, seeded with ``seed``; every param group's LR is scaled by the same factor, and "base LR" means
+    param group 0's. The first round uses ``initial_lr`` (default: the optimizer's current LR); later rounds
+    use min_t lr_safe_t of the previous round, bracketed (see the module docstring). The search stops after
+    ``rounds`` rounds, or once the next LR would exceed the largest verified one by at most a factor 1 + ``rtol``.
+
+    Batches are ``(inputs, labels)`` pairs unless ``inputs_fn(batch) -> (inputs, labels)`` says otherwise;
+    ``logits_fn(model, inputs)`` returns the logits (default: ``model(inputs)`` or its ``.logits``);
+    ``loss_fn(logits, labels)`` is the training loss (default: cross-entropy). ``bound``, ``method``,
+    ``probe_size`` and ``aggregate`` are SafeStep's (default: the ghost bound π/Δ_a over every batch row).
+    ``progress(step)`` is called with every measured LRStep.
+
+    The model's parameters and buffers, the gradients, the optimizer (state and param groups) and torch's global
+    RNG are restored afterwards, also on error. The model is run in its current train/eval mode.
+    """
+    _check_positive_int("num_steps", num_steps)
+    _check_positive_int("rounds", rounds)
+    if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol > 0):
+        raise ValueError(f"rtol must be a finite positive number, got {rtol!r}")
+    _check_positive_int("window", window)
+    base_lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else math.nan
+    lr = base_lr if initial_lr is None else initial_lr
+    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
+        raise ValueError(f"the initial learning rate must be finite and positive, got {lr!r}")
+    if not (math.isfinite(base_lr) and base_lr > 0):
+        raise ValueError(f"the optimizer's learning rate (param group 0) must be positive to be scaled, got {base_lr}")
+    logits_fn = logits_fn or default_logits_fn
+    run = _RoundRunner(model, optimizer, loader, num_steps, base_lr, loss_fn, inputs_fn or _split_pair, logits_fn,
+                       seed, progress)
+    snapshot = _Snapshot(model, optimizer)
+    cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            guard = SafeStep(optimizer, model, r=_MONITOR_R, mode="cap", bound=bound, method=method,
+                             probe_size=probe_size, aggregate=aggregate, logits_fn=logits_fn, capture=False,
+                             history=1)
+            return _search(run, guard, snapshot, float(lr), rounds, float(rtol), window)
+    finally:
+        snapshot.restore()
+
+
+def _search(run: "_RoundRunner", guard: SafeStep, snapshot: "_Snapshot", lr: float, rounds: int, rtol: float,
+            window: int) -> LRFinderResult:
+    done: list[LRRound] = []
+    aim = 1.0 / math.sqrt(1.0 + rtol)  # target max r: the middle of the accepted band [1/(1 + rtol), 1]
+    for k in range(rounds):
+        snapshot.restore(guard)
+        done.append(run(guard, k, lr))
+        verified = [r for r in done if r.verified]
+        failed = [r for r in done if not r.verified]
+        lo = max(verified, key=lambda r: r.lr) if verified else None
+        hi = min(failed, key=lambda r: r.lr) if failed else None
+        if lo is not None and hi is None and lo.max_r == 0.0:
+            return LRFinderResult(math.inf, True, tuple(done), window)
+        if lo is not None and (lo.max_r * (1.0 + rtol) >= 1.0 or (hi is not None and hi.lr <= lo.lr * (1.0 + rtol))):
+            break
+        lr = _next_lr(lo, hi, aim)
+    if verified:
+        return LRFinderResult(lo.lr, True, tuple(done), window)
+    return LRFinderResult(lr, False, tuple(done), window)
+
+
+def _next_lr(lo: LRRound | None, hi: LRRound | None, aim: float) -> float:
+    """The next round's LR from the largest verified round ``lo`` and the smallest failed round ``hi``.
+
+    One side known: λ·aim/max r (r ∝ λ on a fixed trajectory). Both: the secant through (log λ, log max r) of
+    the two rounds hitting log aim, kept in the inner 80 % of the bracket; the geometric mean when a failed
+    round had non-finite steps.
+    """
+    if hi is None or (lo is None and math.isfinite(hi.max_r)):
+        return (lo or hi).lr * aim / (lo or hi).max_r
+    if lo is None:
+        return hi.proposal * aim if hi.proposal < hi.lr else hi.lr / 10.0
+    x_lo, x_hi = math.log(lo.lr), math.log(hi.lr)
+    if not math.isfinite(hi.max_r) or lo.max_r == 0.0:
+        return math.exp((x_lo + x_hi) / 2)
+    y_lo, y_hi = math.log(lo.max_r), math.log(hi.max_r)
+    x = x_lo + (math.log(aim) - y_lo) * (x_hi - x_lo) / (y_hi - y_lo)
+    margin = 0.1 * (x_hi - x_lo)
+    return math.exp(min(max(x, x_lo + margin), x_hi - margin))
+
+
+class _RoundRunner:
+    """Trains one round: num_steps plain steps at a constant base LR, measured by a monitoring SafeStep."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable[Any], num_steps: int,
+                 base_lr: float, loss_fn: LossFn, inputs_fn: InputsFn, logits_fn: LogitsFn, seed: int,
+                 progress: Progress | None) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.loader = loader
+        self.num_steps = num_steps
+        self.base_lr = base_lr
+        self.loss_fn = loss_fn
+        self.inputs_fn = inputs_fn
+        self.logits_fn = logits_fn
+        self.seed = seed
+        self.progress = progress
+
+    def __call__(self, guard: SafeStep, index: int, lr: float) -> LRRound:
+        factor = lr / self.base_lr
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["lr"] * factor
+        torch.manual_seed(self.seed)
+        steps = []
+        for t, batch in enumerate(_cycle(self.loader, self.num_steps)):
+            inputs, labels = self.inputs_fn(batch)
+            guard.zero_grad(set_to_none=True)
+            logits = _check_logits(self.logits_fn(self.model, inputs))
+            loss = self.loss_fn(logits, labels)
+            loss.backward()
+            guard.step(inputs=inputs, labels=_class_labels(labels, logits))
+            report = guard.last_report
+            lr_safe = lr / report.r if report.r > 0 else math.inf
+            step = LRStep(index, t, lr, float(loss.detach()), report.tau, report.rho, report.r,
+                          math.nan if report.skipped else lr_safe, report.skipped)
+            steps.append(step)
+            if self.progress is not None:
+                self.progress(step)
+        return LRRound(lr, tuple(steps))
+
+
+class _Snapshot:
+    """Deep copies of the model's state dict, its gradients and the optimizer's state dict, restorable in place."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+        self.model = model
+        self.optimizer = optimizer
+        self.model_state = copy.deepcopy(model.state_dict())
+        self.grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
+
+    def restore(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Copy the snapshot back into the live tensors; load the optimizer state into ``optimizer`` (default: the
+        original one; a SafeStep wrapping it keeps its counters)."""
+        self.model.load_state_dict(self.model_state)
+        for p, grad in self.grads:
+            p.grad = None if grad is None else grad.clone()
+        (optimizer or self.optimizer).load_state_dict(copy.deepcopy(self.optimizer_state))
+
+
+def _cycle(loader: Iterable[Any], count: int) -> Iterator[Any]:
+    """The first ``count`` batches of ``loader``, re-iterating it as often as needed."""
+    produced = 0
+    while True:
+        empty = True
+        for batch in loader:
+            empty = False
+            yield batch
+            produced += 1
+            if produced == count:
+                return
+        if empty:
+            raise ValueError("the loader yielded no batches; find_lr needs at least one (inputs, labels) batch")
+
+
+def _split_pair(batch: Any) -> tuple[Inputs, Any]:
+    """(inputs, labels) from a two-element tuple/list batch."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise ValueError(
+        f"a batch must be an (inputs, labels) pair, got {type(batch).__name__}"
+        + (f" of length {len(batch)}" if isinstance(batch, (tuple, list)) else "")
+        + "; pass inputs_fn=lambda batch: (inputs, labels) for other batch types (e.g. dicts)"
+    )
+
+
+def _check_logits(logits: Any) -> Tensor:
+    if not (isinstance(logits, Tensor) and logits.is_floating_point() and logits.ndim >= 2 and logits.shape[-1] >= 2):
+        shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+        raise ValueError(
+            f"find_lr needs classification logits of shape (B, K) or (B, T, V) with K >= 2 classes, got {shape}; "
+            "pass logits_fn=lambda model, inputs: ... if the logits are inside the model's output"
+        )
+    return logits
+
+
+def _class_labels(labels: Any, logits: Tensor) -> Tensor | None:
+    """The labels as class indices for the bound, or None when they are not one index per logits row."""
+    if isinstance(labels, Tensor) and not labels.is_floating_point() and labels.numel() * logits.shape[-1] == logits.numel():
+        return labels
+    return None
+
+
+def _check_positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _positive(value: float) -> float:
+    """value for a log axis: nan when it is not a finite positive number."""
+    return value if math.isfinite(value) and value > 0 else math.nan
+
+
+def _axes(ax: Any) -> Any:
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+
+    _, ax = plt.subplots(figsize=(7.5, 4.5))
+    return ax
