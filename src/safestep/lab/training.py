@@ -1,4 +1,5 @@
-"""A deterministic minibatch training loop for the lab: plain, gradient-clipped, or SafeStep-guarded steps.
+"""A deterministic minibatch training loop for the lab: plain, clipped (norm or AGC), SafeStep-guarded or
+gradient-direction-controlled steps.
 
 One step = forward on a minibatch, cross-entropy, backward, (clip), optimizer step with the scheduled LR.
 Minibatches come from per-epoch permutations drawn from a generator seeded by ``seed``, so two runs with the
@@ -31,7 +32,8 @@ __all__ = [
     "train",
 ]
 
-GUARDS = ("none", "clip", "safestep")
+GUARDS = ("none", "clip", "agc", "safestep", "grad-proxy")
+SELF_MEASURING = ("safestep", "grad-proxy")  # guards that record τ, ρ and r themselves
 LRSchedule = Callable[[int], float]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 
@@ -106,6 +108,13 @@ class TrainResult:
         """Number of steps the guard refused (parameters left at θ0)."""
         return sum(1 for s in self.steps if s.skipped)
 
+    def series(self, name: str, length: int) -> list[float]:
+        """StepRecord field ``name`` per step 0..length−1 as floats; NaN where unmeasured or after the run stopped."""
+        if name not in StepRecord.__dataclass_fields__:
+            raise ValueError(f"unknown step field {name!r}; choose one of {list(StepRecord.__dataclass_fields__)}")
+        values = [getattr(s, name) for s in self.steps[:length]]
+        return [math.nan if v is None else float(v) for v in values] + [math.nan] * (length - len(values))
+
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite floats stay floats; serialise with allow_nan or convert them)."""
         return {**asdict(self), "max_r": self.max_r, "steps_capped": self.steps_capped, "steps_skipped": self.steps_skipped}
@@ -148,16 +157,24 @@ def _report_fields(report: Any) -> dict[str, Any]:
 
 
 def _make_update(
-    optimizer: torch.optim.Optimizer, model: nn.Module, guard: str, clip_norm: float, monitor: "_StepMonitor | None"
+    optimizer: torch.optim.Optimizer, model: nn.Module, guard: str, clip_norm: float,
+    options: Mapping[str, Any], monitor: "_StepMonitor | None",
 ) -> Callable[[Tensor], dict[str, Any]]:
     """The post-backward part of a step, as update(x) -> the StepRecord fields it measured."""
+    from .baselines import GradientDirectionController, adaptive_grad_clip_
+
+    controller = GradientDirectionController(model, **options) if guard == "grad-proxy" else None
 
     def update(inputs: Tensor) -> dict[str, Any]:
         if guard == "clip":
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
+        if guard == "agc":
+            adaptive_grad_clip_(model.parameters(), **options)
         if guard == "safestep":
             optimizer.step(inputs=inputs)
             return _report_fields(optimizer.last_report)
+        if controller is not None:
+            return controller.step(optimizer, inputs)
         if monitor is None:
             optimizer.step()
             return {}
@@ -222,10 +239,12 @@ def train(
 ) -> TrainResult:
     """Minimise mean CE(model(x), y) over ``steps`` minibatch steps; θ ← θ + s·Δθ with s = 1 unless guarded.
 
-    guard: None/"none" (plain), "clip" (``clip_grad_norm_(clip_norm)`` before the step) or "safestep"
-    (``SafeStep(optimizer, model, r=1, mode="cap", **guard_options)``). With ``monitor=True`` an unguarded or
-    clipped run also records τ, ρ and r = τ/ρ of every applied step (same probe and bound as the guard; the
-    step itself is untouched).
+    guard: None/"none" (plain), "clip" (``clip_grad_norm_(clip_norm)`` before the step), "agc"
+    (``adaptive_grad_clip_(params, **guard_options)`` before the step), "safestep"
+    (``SafeStep(optimizer, model, r=1, mode="cap", **guard_options)``) or "grad-proxy" (the paper code's
+    ``GradientDirectionController(model, **guard_options)``: lr_eff = min(lr, ρ_g/‖g‖), ρ_g along −g).
+    With ``monitor=True`` a plain or clipped run also records τ, ρ and r = τ/ρ of every applied step (same
+    probe and bound as the guard, ``guard_options`` passed to it; the step itself is untouched).
     lr_schedule(t) sets every param group's LR before step t (None keeps the optimizer's LR).
     eval_every > 0 also records test metrics before training and every that many steps; the final metrics are
     always recorded.
@@ -235,13 +254,14 @@ def train(
         raise ValueError(f"unknown guard {guard!r}; choose one of {GUARDS}")
     if steps < 0 or batch_size < 1 or eval_every < 0:
         raise ValueError(f"need steps >= 0, batch_size >= 1, eval_every >= 0; got {steps}, {batch_size}, {eval_every}")
-    if monitor and guard == "safestep":
-        raise ValueError("monitor=True measures unguarded runs; a 'safestep' run already records τ, ρ and r")
+    if monitor and guard in SELF_MEASURING:
+        raise ValueError(f"monitor=True measures unguarded runs; a {guard!r} run already records τ, ρ and r")
 
+    options = dict(guard_options or {})
     optimizer = optimizer_factory(model.parameters())
     if guard == "safestep":
-        optimizer = _wrap_in_guard(optimizer, model, guard_options or {})
-    update = _make_update(optimizer, model, guard, clip_norm, _StepMonitor(model, guard_options or {}) if monitor else None)
+        optimizer = _wrap_in_guard(optimizer, model, options)
+    update = _make_update(optimizer, model, guard, clip_norm, options, _StepMonitor(model, options) if monitor else None)
 
     generator = torch.Generator().manual_seed(seed)
     batches = _minibatches(len(data.y_train), batch_size, generator)
