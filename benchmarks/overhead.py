@@ -11,9 +11,15 @@ plain: "update peak +" = peak live bytes during the optimizer step alone (θ0, �
 activations, ...); "step peak +" = the same over the whole step (0 when the guard's transient memory stays
 below the backward pass's own peak).
 
+Probe cost (same interleaved loop, on a copy that is never updated): medians of a no-grad forward, a training
+forward+backward and a full-batch JVP probe. A guarded full-batch-JVP step costs about plain + JVP, so
+"full-JVP floor" = 1 + JVP/plain is the ratio no guard-side trimming can beat.
+
     python benchmarks/overhead.py            # all five models, 30 timed steps each (a few minutes)
     python benchmarks/overhead.py --quick    # small models only, 10 timed steps
     python benchmarks/overhead.py --threads 1   # fewer threads: steadier timings on a busy machine
+    python benchmarks/overhead.py --models cnn-wide,transformer-deep   # chosen models only
+    python benchmarks/overhead.py --threads 1 --clock cpu   # CPU time of the process: steadiest under load
 """
 from __future__ import annotations
 
@@ -30,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from safestep.guard import SafeStep
+from safestep.probe import LogitProbe
 from safestep.lab.data import load_digits_split
 from safestep.lab.models import build_model
 
@@ -40,6 +47,7 @@ LR = 1e-3
 TARGET_DEFAULT_COMPUTE_BOUND = 1.25
 GOAL_DEFAULT_COMPUTE_BOUND = 1.10
 TARGET_FULL_JVP = 1.9
+CLOCKS: dict[str, Callable[[], float]] = {"wall": time.perf_counter, "cpu": time.process_time}
 
 # configuration name -> SafeStep options (None = no guard)
 CONFIGS: dict[str, dict | None] = {
@@ -74,6 +82,36 @@ class Stepper:
     def __call__(self, x: torch.Tensor, y: torch.Tensor) -> None:
         self.prepare(x, y)
         self.update()
+
+
+class ProbeCost:
+    """Timed pieces of one model copy that is never updated: no-grad forward, forward+backward, full-batch JVP."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.probe = LogitProbe(model)
+        self.params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        generator = torch.Generator().manual_seed(0)
+        direction = {n: torch.randn(p.shape, generator=generator) for n, p in self.params.items()}
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in direction.values()]))
+        self.direction = {n: d / norm for n, d in direction.items()}
+        self.pieces: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {
+            "forward": self.forward, "forward+backward": self.forward_backward, "jvp": self.jvp,
+        }
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """z(θ) under no_grad."""
+        with torch.no_grad():
+            self.model(x)
+
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """∇ CE(z(θ), y) (the plain step without the optimizer)."""
+        self.model.zero_grad(set_to_none=True)
+        F.cross_entropy(self.model(x), y).backward()
+
+    def jvp(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """z(θ) and J_z(θ)·v on the whole batch, as the guard's full-batch JVP probe computes them."""
+        self.probe(self.params, self.direction, x, "jvp")
 
 
 def allocation_trace(run: Callable[[], None]) -> tuple[int, int]:
@@ -122,23 +160,26 @@ def memory_extra(steppers: dict[str, Stepper], x: torch.Tensor, y: torch.Tensor)
     }
 
 
-def bench_model(name: str, warmup: int, timed: int, xs: torch.Tensor, ys: torch.Tensor) -> dict:
-    """Interleaved medians for every configuration on identical copies of model ``name``."""
+def bench_model(name: str, warmup: int, timed: int, xs: torch.Tensor, ys: torch.Tensor,
+                clock: Callable[[], float] = time.perf_counter) -> dict:
+    """Interleaved medians (read on ``clock``) for every configuration on identical copies of model ``name``."""
     torch.manual_seed(0)
     reference = build_model(name)
     steppers = {c: Stepper(copy.deepcopy(reference), c) for c in CONFIGS}
-    times: dict[str, list[float]] = {c: [] for c in CONFIGS}
-    order = list(CONFIGS)
+    probe_cost = ProbeCost(copy.deepcopy(reference))
+    jobs: dict[str, Callable[[torch.Tensor, torch.Tensor], None]] = {**steppers, **probe_cost.pieces}
+    times: dict[str, list[float]] = {job: [] for job in jobs}
+    order = list(jobs)
     n_batches = xs.shape[0] // BATCH
     for i in range(warmup + timed):
         x, y = xs[(i % n_batches) * BATCH:][:BATCH], ys[(i % n_batches) * BATCH:][:BATCH]
-        for config in order[i % len(order):] + order[: i % len(order)]:
-            start = time.perf_counter()
-            steppers[config](x, y)
-            elapsed = time.perf_counter() - start
+        for job in order[i % len(order):] + order[: i % len(order)]:
+            start = clock()
+            jobs[job](x, y)
+            elapsed = clock() - start
             if i >= warmup:
-                times[config].append(elapsed)
-    medians = {c: statistics.median(t) for c, t in times.items()}
+                times[job].append(elapsed)
+    medians = {job: statistics.median(t) for job, t in times.items()}
     default_report = steppers["default"].optimizer.last_report
     return {
         "name": name,
@@ -146,6 +187,7 @@ def bench_model(name: str, warmup: int, timed: int, xs: torch.Tensor, ys: torch.
         "param_bytes": sum(p.numel() * p.element_size() for p in reference.parameters()),
         "plain_ms": 1e3 * medians["plain"],
         "ratios": {c: medians[c] / medians["plain"] for c in CONFIGS if c != "plain"},
+        "probe_ms": {piece: 1e3 * medians[piece] for piece in probe_cost.pieces},
         "memory": memory_extra(steppers, xs[:BATCH], ys[:BATCH]),
         "default_method": default_report.method,
         "default_probe": default_report.probe_size,
@@ -178,6 +220,16 @@ def print_table(rows: list[dict]) -> None:
             print("  ".join("-" * w for w in widths))
 
 
+def print_probe_cost(rows: list[dict]) -> None:
+    print("\nProbe cost (ms, same run): a full-batch JVP against the model's own forward and backward")
+    for row in rows:
+        ms, plain = row["probe_ms"], row["plain_ms"]
+        print(f"  {row['name']:>16}: forward {ms['forward']:.2f}, forward+backward {ms['forward+backward']:.2f}, "
+              f"JVP {ms['jvp']:.2f} = {ms['jvp'] / ms['forward']:.2f}x forward = "
+              f"{ms['jvp'] / ms['forward+backward']:.2f}x forward+backward; full-JVP floor 1 + JVP/plain = "
+              f"{1 + ms['jvp'] / plain:.2f}x")
+
+
 def print_targets(rows: list[dict]) -> None:
     def verdict(value: float, limit: float) -> str:
         return "meets" if value <= limit else "MISSES"
@@ -200,20 +252,28 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=30, help="timed steps per configuration (>= 30 for the report)")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's default)")
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall",
+                        help="wall = elapsed time; cpu = the process's CPU time (ignores time spent waiting for a "
+                             "core on a shared machine; with --threads 1 it is the steadiest measure)")
+    parser.add_argument("--models", default=None,
+                        help=f"comma-separated models (default: {', '.join(SMALL_MODELS + COMPUTE_BOUND_MODELS)})")
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     warmup, timed = (3, 10) if args.quick else (args.warmup, args.steps)
     models = SMALL_MODELS if args.quick else SMALL_MODELS + COMPUTE_BOUND_MODELS
+    if args.models is not None:
+        models = tuple(args.models.split(","))
     data = load_digits_split()
     print(f"torch {torch.__version__}, torch.get_num_threads() = {torch.get_num_threads()}, batch {BATCH}, "
-          f"Adam lr {LR}, {warmup} warm-up + {timed} timed steps per configuration, interleaved\n")
+          f"Adam lr {LR}, {warmup} warm-up + {timed} timed steps per configuration, interleaved, {args.clock} clock\n")
     rows = []
     for name in models:
         started = time.perf_counter()
-        rows.append(bench_model(name, warmup, timed, data.x_train, data.y_train))
+        rows.append(bench_model(name, warmup, timed, data.x_train, data.y_train, CLOCKS[args.clock]))
         print(f"  measured {name} in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     print_table(rows)
+    print_probe_cost(rows)
     print_targets(rows)
 
 

@@ -1,9 +1,11 @@
 """Probe: slopes against analytic values, finite differences of the trained function, and side effects."""
 import copy
+import gc
 
 import pytest
 import torch
 from torch import nn
+from torch.autograd import forward_ad
 
 from safestep.probe import (
     CallArgs,
@@ -121,6 +123,34 @@ def test_dropout_is_disabled_and_rng_untouched():
     dh = x @ v["0.weight"].T + v["0.bias"]
     expected = (torch.relu(h) @ v["3.weight"].T + v["3.bias"]) + ((h > 0) * dh) @ w2.T
     torch.testing.assert_close(out.slopes, expected)
+
+
+class _SelfGatedDropout(nn.Module):
+    """Attention-style dropout read from the module's own training flag (as Hugging Face layers do)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return torch.nn.functional.dropout(self.fc(x), p=0.5, training=self.training)
+
+
+def test_dropout_read_from_a_modules_training_flag_is_off_and_torch_transformers_keep_jvp():
+    torch.manual_seed(5)
+    model = _SelfGatedDropout().double().train()
+    x = torch.randn(6, 5, dtype=torch.float64)
+    theta, v = _params(model), _unit_direction(model, 5)
+    out = LogitProbe(model)(theta, v, x, "jvp")
+    assert model.training  # restored
+    torch.testing.assert_close(out.logits, x @ theta["fc.weight"].T + theta["fc.bias"])
+    torch.testing.assert_close(out.slopes, x @ v["fc.weight"].T + v["fc.bias"])
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.3, batch_first=True).double().train()
+    tokens = torch.randn(3, 4, 8, dtype=torch.float64)
+    probe = LogitProbe(layer)
+    out = probe(_params(layer), _unit_direction(layer, 6), tokens, "auto")
+    assert out.method == "jvp"  # eval mode would select torch's fused fast path, which has no forward-AD rule
+    torch.testing.assert_close(out.logits, copy.deepcopy(layer).eval()(tokens).detach())
 
 
 def test_attention_jvp_uses_a_kernel_with_forward_ad_and_drops_attention_dropout():
@@ -261,3 +291,65 @@ def test_invalid_method_and_mismatched_direction():
         probe(_params(model), _unit_direction(model), torch.ones(1, 2), "exact")
     with pytest.raises(ValueError, match="same tensors"):
         probe(_params(model), {"weight": torch.ones(2, 2)}, torch.ones(1, 2))
+
+
+def test_direction_with_a_wrong_shape_is_rejected_and_auto_stays_on_jvp():
+    model = nn.Linear(3, 2).double()
+    probe, theta = LogitProbe(model), _params(model)
+    bad = {**_unit_direction(model), "weight": torch.ones(3, 2, dtype=torch.float64)}
+    with pytest.raises(ValueError, match="shape for weight"):
+        probe(theta, bad, torch.ones(4, 3, dtype=torch.float64), "auto")
+    assert probe(theta, _unit_direction(model), torch.ones(4, 3, dtype=torch.float64)).method == "jvp"
+
+
+def test_slopes_are_zero_when_the_probed_tensors_do_not_reach_the_logits():
+    torch.manual_seed(9)
+    model = nn.ModuleDict({"used": nn.Linear(4, 3), "unused": nn.Linear(4, 3)}).double()
+    x = torch.randn(5, 4, dtype=torch.float64)
+    logits_fn = lambda m, inp: m["used"](inp)  # noqa: E731
+    theta = {n: p.detach().clone() for n, p in model.named_parameters() if n.startswith("unused")}
+    v = {n: torch.ones_like(t) for n, t in theta.items()}
+    out = LogitProbe(model, logits_fn)(theta, v, x, "jvp")
+    assert out.method == "jvp" and torch.equal(out.slopes, torch.zeros(5, 3, dtype=torch.float64))
+    torch.testing.assert_close(out.logits, model["used"](x).detach())
+
+
+def _cycle_garbage(call):
+    """Objects that only the cycle collector would free, created by ``call()`` (after one warm-up call)."""
+    call()
+    gc.collect()
+    gc.disable()
+    gc.set_debug(gc.DEBUG_SAVEALL)
+    try:
+        call()
+        gc.collect()
+        return list(gc.garbage)
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
+        gc.enable()
+
+
+@pytest.mark.parametrize("method", ["jvp", "fd"])
+def test_probe_creates_no_reference_cycles(method):
+    torch.manual_seed(10)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.1, batch_first=True)
+    model = nn.Sequential(layer, nn.Flatten(), nn.Linear(3 * 8, 4)).train()
+    theta, v, x = _params(model), _unit_direction(model, 10), torch.randn(5, 3, 8)
+    probe = LogitProbe(model)
+    assert _cycle_garbage(lambda: probe(theta, v, x, method)) == []
+
+
+def test_failed_jvp_closes_its_forward_ad_level_and_leaves_no_cycles():
+    torch.manual_seed(11)
+    model = _Custom()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    theta, v = _params(model), _unit_direction(model, 11)
+
+    def fall_back():
+        assert LogitProbe(model)(theta, v, x, "auto").method == "fd"
+
+    assert _cycle_garbage(fall_back) == []
+    with forward_ad.dual_level():  # raises "nested forward mode AD" if the probe left its level open
+        dual = forward_ad.make_dual(torch.ones(2), torch.full((2,), 3.0))
+        assert torch.equal(forward_ad.unpack_dual(dual * 2).tangent, torch.full((2,), 6.0))

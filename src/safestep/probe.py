@@ -5,12 +5,14 @@ The probe evaluates the *same function that is trained*, at the parameters it is
 * parameters are substituted with ``torch.func.functional_call`` (the live module is never written);
 * batch norms keep their mode: in train mode they use the probe batch's statistics, and their running
   statistics are cloned inside the probe so the module's buffers never change;
-* the network is probed deterministically: ``nn.Dropout``-family modules and ``nn.RReLU`` are switched to
-  eval and ``nn.MultiheadAttention`` dropout is set to 0 for the duration of the probe (dropout written as
-  functional calls inside a custom ``forward`` cannot be seen; the RNG is forked, so even then the training
-  random stream is never consumed);
-* no autograd state is left behind: no ``.grad`` changes and no graph (slopes come from forward-mode AD or
-  from finite differences under ``torch.no_grad``);
+* the network is probed deterministically: every module except norms and torch's transformer layers is put
+  in eval mode for the duration of the probe (dropout modules, RReLU, and attention dropout that a module reads
+  from its own ``training`` flag), and ``nn.MultiheadAttention`` dropout is set to 0 (a dropout call whose
+  probability ignores ``training`` cannot be seen; the RNG is forked, so even then the training random stream
+  is never consumed);
+* no autograd state is left behind: no ``.grad`` changes, no graph and no open forward-AD level (slopes come
+  from dual tensors of ``torch.autograd.forward_ad`` or from finite differences, under ``torch.no_grad``),
+  and no reference cycles, so nothing waits for the garbage collector;
 * the JVP runs with the math attention kernel (flash / memory-efficient kernels have no forward-AD rule).
 
 Estimators: ``"jvp"`` (forward-mode AD, exact), ``"fd"`` (central difference z(θ0 ± hv) with
@@ -26,9 +28,9 @@ from typing import Any, NamedTuple, Union
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp
+from torch.autograd import forward_ad
+from torch.func import functional_call
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
-from torch.nn.modules.dropout import _DropoutNd
 
 __all__ = [
     "CallArgs",
@@ -166,7 +168,12 @@ class _LogitsModule(nn.Module):
         return self.logits_fn(self.model, inputs)
 
 
-_STOCHASTIC = (_DropoutNd, nn.AlphaDropout, nn.FeatureAlphaDropout, nn.RReLU)
+# Modules kept in their training mode during the probe: eval mode would change the function (norms using batch
+# statistics) or switch torch's transformer layers to fused kernels that have no forward-AD rule. Every other
+# module is put in eval mode (no dropout masks, including attention dropout read from ``self.training``), and
+# nn.MultiheadAttention's dropout probability is zeroed instead.
+_KEEP_MODE = (_NormBase, nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+              nn.TransformerEncoder, nn.TransformerDecoder)
 
 
 def _attention_context() -> contextlib.AbstractContextManager:
@@ -184,7 +191,7 @@ class LogitProbe:
         self.model = model
         self._wrapper = _LogitsModule(model, logits_fn or default_logits_fn)
         modules = list(model.named_modules())
-        self._stochastic = [m for _, m in modules if isinstance(m, _STOCHASTIC)]
+        self._switchable = [m for _, m in modules if not isinstance(m, _KEEP_MODE)]
         self._attention = [m for _, m in modules if isinstance(m, nn.MultiheadAttention)]
         self._norms = [(name, m) for name, m in modules if isinstance(m, _NormBase)]
         self._batch_norms = [m for _, m in self._norms if isinstance(m, _BatchNorm)]
@@ -205,7 +212,10 @@ class LogitProbe:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if params.keys() != direction.keys():
             raise ValueError("params and direction must name the same tensors")
-        with self._deterministic(), torch.no_grad():
+        mismatched = [name for name, theta in params.items() if direction[name].shape != theta.shape]
+        if mismatched:
+            raise ValueError(f"direction and params differ in shape for {', '.join(mismatched[:3])}")
+        with self.deterministic(), torch.no_grad():
             if method == "fd" or (method == "auto" and self._jvp_unsupported):
                 return self._finite_difference(params, direction, inputs)
             try:
@@ -228,9 +238,10 @@ class LogitProbe:
         return logits
 
     def _jvp(self, params: dict[str, Tensor], direction: dict[str, Tensor], inputs: Inputs) -> Slopes:
-        with _attention_context():
-            logits, slopes = jvp(lambda p: self._logits(p, inputs), (params,), (direction,))
-        return Slopes(logits, slopes, "jvp")
+        with _attention_context(), forward_ad.dual_level():
+            duals = {name: forward_ad.make_dual(theta, direction[name]) for name, theta in params.items()}
+            logits, slopes = forward_ad.unpack_dual(self._logits(duals, inputs))
+        return Slopes(logits, torch.zeros_like(logits) if slopes is None else slopes, "jvp")
 
     def _finite_difference(self, params: dict[str, Tensor], direction: dict[str, Tensor], inputs: Inputs) -> Slopes:
         names = list(params)
@@ -243,8 +254,9 @@ class LogitProbe:
         return Slopes((plus + minus) / 2, (plus - minus) / (2 * h), "fd")
 
     @contextlib.contextmanager
-    def _deterministic(self) -> Iterator[None]:
-        switched = [m for m in self._stochastic if m.training]
+    def deterministic(self) -> Iterator[None]:
+        """Within the block the model is its deterministic self: no dropout, and the RNG streams are untouched."""
+        switched = [m for m in self._switchable if m.training]
         attention = [(m, m.dropout) for m in self._attention]
         cuda = sorted({p.device.index or 0 for p in self.model.parameters() if p.device.type == "cuda"})
         try:
