@@ -9,6 +9,8 @@ rows) and returns a 0-dim float64 radius. Per-sample radii are aggregated over t
   ``q = 1.0`` equals "max". Looser than "max": not a certificate for every row.
 
 Bounds compose: ``Min(a, b)`` is the smaller of the two radii.
+``Ghost``, ``Exact`` and ``Belief`` also give ``row_radii`` (the per-row ρ_n before aggregation), which the
+distributed reduction gathers across ranks for quantile aggregates.
 """
 from __future__ import annotations
 
@@ -81,8 +83,12 @@ class Ghost:
 
     def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None) -> Tensor:
         """π/Δ_a per row, aggregated."""
+        return aggregate_radii(self.row_radii(logits, slopes, labels), self.aggregate)
+
+    def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None) -> Tensor:
+        """ρ_n = π/Δ_a(n) for every row n, flat (not aggregated)."""
         _, a, _ = _rows(logits, slopes, labels)
-        return aggregate_radii(radius_lower_bound(a), self.aggregate)
+        return radius_lower_bound(a)
 
 
 @dataclass(frozen=True)
@@ -102,10 +108,15 @@ class Exact:
 
     def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None) -> Tensor:
         """min_n ρ*_n by branch and bound, or the quantile of all ρ*_n."""
-        z, a, _ = _rows(logits, slopes, labels)
         if self.aggregate == "max":
+            z, a, _ = _rows(logits, slopes, labels)
             return min_exact_radius(z, a, self.rtol)[0]
-        return aggregate_radii(exact_radius(z, a, self.rtol), self.aggregate)
+        return aggregate_radii(self.row_radii(logits, slopes, labels), self.aggregate)
+
+    def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None) -> Tensor:
+        """ρ*_n for every row n, flat (one exact solve per row)."""
+        z, a, _ = _rows(logits, slopes, labels)
+        return exact_radius(z, a, self.rtol)
 
 
 @dataclass(frozen=True)
@@ -129,9 +140,12 @@ class Belief:
 
     def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None) -> Tensor:
         """Per-row belief caps, aggregated."""
+        return aggregate_radii(self.row_radii(logits, slopes, labels), self.aggregate)
+
+    def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None) -> Tensor:
+        """τ_max,n for every row n, flat (not aggregated)."""
         z, a, y = _rows(logits, slopes, labels)
-        caps = belief_step_cap(z, a, y, rule=self.rule, backoff=self.backoff, eps=self.eps)
-        return aggregate_radii(caps, self.aggregate)
+        return belief_step_cap(z, a, y, rule=self.rule, backoff=self.backoff, eps=self.eps)
 
 
 class Min:

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from .bounds import Aggregate, BoundSpec, check_aggregate, make_bound
+from .distributed import ShardedProbe, agree, check_reducible, is_sharded, local_tensor, make_reducer, probe_module
 from .probe import METHODS, Inputs, InputCapture, LogitProbe, LogitsFn, Slopes, batch_size, probe_rows, take_rows
 from .telemetry import History, ReportSink, StepReport
 
@@ -40,6 +41,12 @@ class SafeStep(torch.optim.Optimizer):
     of batch rows probed (a fixed strided subset; None = all; batches normalized by train-mode BatchNorm are
     always probed in full), ``aggregate`` "max" or a quantile q. ``param_groups``, ``state`` and ``defaults``
     are the inner optimizer's, so schedulers, GradScaler, hooks and checkpoints work unchanged.
+
+    Under torch.distributed (``process_group``, default: the default group when initialized) every rank probes
+    its own batch and the radius and skip decisions are reduced across ranks, so every rank applies the same
+    scale (see ``safestep.distributed``). A DDP-wrapped model is probed through its bare ``.module``; sharded
+    (FSDP2 ``fully_shard``) parameters are probed by finite differences through the model's own forward; FSDP1
+    ``FullyShardedDataParallel`` is refused with a ValueError.
     """
 
     def __init__(
@@ -60,6 +67,7 @@ class SafeStep(torch.optim.Optimizer):
         capture: bool = True,
         history: int | None = 10_000,
         sinks: Iterable[ReportSink] = (),
+        process_group: Any = None,
     ) -> None:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
@@ -91,11 +99,18 @@ class SafeStep(torch.optim.Optimizer):
         self.aggregate = check_aggregate(aggregate)
         self.bound = make_bound(bound, self.aggregate, belief_rule=belief_rule, belief_backoff=belief_backoff)
         self.labels_fn = labels_fn
-        self.probe = LogitProbe(model, logits_fn)
-        self.capture = InputCapture(model) if capture else None
+        self.reducer = make_reducer(process_group)
+        self.sharded = is_sharded(model)
+        if self.sharded and method == "jvp":
+            raise ValueError("method='jvp' cannot probe sharded (FSDP) parameters; use method='auto' or 'fd'")
+        if self.reducer.active:
+            check_reducible(self.bound)
+        bare = probe_module(model)
+        self.probe = ShardedProbe(bare, logits_fn) if self.sharded else LogitProbe(bare, logits_fn)
+        self.capture = InputCapture(bare) if capture else None
         self.history = History(history, sinks)
         self.last_report: StepReport | None = None
-        self._names = {id(p): name for name, p in model.named_parameters()}
+        self._names = {id(p): name for name, p in bare.named_parameters()}
         for group in optimizer.param_groups:
             self._check_params(group["params"])
             self._add_group_keys(group)
@@ -200,8 +215,8 @@ class SafeStep(torch.optim.Optimizer):
                 loss = closure()
         captured = self.capture.pop() if self.capture is not None else None
         inputs = captured if inputs is None else inputs
-        params = [p for group in self.param_groups for p in group["params"]
-                  if p.grad is not None and p.is_floating_point()]
+        params = [p for group in self.param_groups for p in group["params"]  # shards: the same list on every rank
+                  if (p.grad is not None or self.sharded) and p.is_floating_point()]
         if params and inputs is None:
             raise ValueError(
                 "SafeStep.step() has no batch to probe: call the model on the training batch (with gradients "
@@ -225,13 +240,13 @@ class SafeStep(torch.optim.Optimizer):
         if not params:
             self.optimizer.step()
             return _record(0.0, math.inf, 1.0, name)
-        if not _all_finite([p.grad for p in params]):
+        if self.reducer.any(not _all_finite([local_tensor(p.grad) for p in params if p.grad is not None])):
             return _record(math.nan, math.nan, 0.0, name, skipped=True, reason="non-finite gradient: step skipped")
-        theta0 = [p.detach().clone() for p in params]
+        live = [local_tensor(p).detach() for p in params]
+        theta0 = [t.clone() for t in live]
         self.optimizer.step()
-        live = [p.detach() for p in params]
         direction = torch._foreach_sub(live, theta0)
-        tau_t = _global_norm(direction)
+        tau_t, theta_norm = self._norms(direction, theta0)
         tau = tau_t.item()
         if not math.isfinite(tau):
             torch._foreach_copy_(live, theta0)
@@ -242,22 +257,47 @@ class SafeStep(torch.optim.Optimizer):
         batch = batch_size(inputs)
         rows = None if self.probe.uses_batch_statistics() else probe_rows(batch, self.probe_size)
         probe_size = batch if rows is None else rows.numel()
-        slopes = self._probe(params, theta0, direction, inputs if rows is None else take_rows(inputs, rows, batch))
-        if not (torch.isfinite(slopes.logits).all() and torch.isfinite(slopes.slopes).all()):
+        slopes = self._probe(params, live, theta0, direction, theta_norm,
+                             inputs if rows is None else take_rows(inputs, rows, batch))
+        finite = bool(torch.isfinite(slopes.logits).all() and torch.isfinite(slopes.slopes).all())
+        if labels is not None and rows is not None:
+            labels = labels.index_select(0, rows.to(labels.device))
+        if self.reducer.active:
+            agreement = agree(self.bound, self.reducer, slopes if finite else None, labels, tau)
+            if not agreement.tau_agrees():
+                torch._foreach_copy_(live, theta0)
+                raise RuntimeError(
+                    f"the update length τ differs across ranks ({agreement.tau_min:.6g} to {agreement.tau_max:.6g}): "
+                    "the parameters are not replicated; wrap the model in DistributedDataParallel (averaged "
+                    "gradients) or shard it with FSDP2 (parameters restored to their value before the step)"
+                )
+            finite, rho = agreement.probe_ok, agreement.rho
+        if not finite:
             torch._foreach_copy_(live, theta0)
             return _record(tau, math.nan, 0.0, name, slopes.method, probe_size, skipped=True,
                            reason="non-finite probe output: parameters restored")
-        if labels is not None and rows is not None:
-            labels = labels.index_select(0, rows.to(labels.device))
-        rho = float(self.bound(slopes.logits, slopes.slopes, labels))
+        if not self.reducer.active:
+            rho = float(self.bound(slopes.logits, slopes.slopes, labels))
         scale, reason = self._scale(tau, rho)
         if scale != 1.0:
             torch._foreach_lerp_(live, theta0, 1.0 - scale)
         return _record(tau, rho, scale, name, slopes.method, probe_size, reason=reason)
 
-    def _probe(self, params: list[Tensor], theta0: list[Tensor], direction: list[Tensor], inputs: Inputs) -> Slopes:
-        names = [self._names[id(p)] for p in params]
+    def _norms(self, direction: list[Tensor], theta0: list[Tensor]) -> tuple[Tensor, float]:
+        """τ = ‖Δθ‖ and ‖θ0‖; sharded: √(Σ_r ‖·_r‖²) over the ranks' shards (one all_reduce SUM)."""
+        if not self.sharded:
+            return _global_norm(direction), math.nan
+        squares = self.reducer.sum(torch.stack([_global_norm(direction), _global_norm(theta0)]) ** 2)
+        tau_t, theta_t = squares.sqrt()
+        return tau_t, theta_t.item()
+
+    def _probe(self, params: list[Tensor], live: list[Tensor], theta0: list[Tensor], direction: list[Tensor],
+               theta_norm: float, inputs: Inputs) -> Slopes:
         with self.capture.paused() if self.capture is not None else contextlib.nullcontext():
+            if isinstance(self.probe, ShardedProbe):
+                h = torch.finfo(theta0[0].dtype).eps ** (1 / 3) * max(1.0, theta_norm)
+                return self.probe(live, theta0, direction, inputs, h)
+            names = [self._names[id(p)] for p in params]
             return self.probe(dict(zip(names, theta0)), dict(zip(names, direction)), inputs, self.method)
 
     def _scale(self, tau: float, rho: float) -> tuple[float, str]:
@@ -284,4 +324,4 @@ def _global_norm(tensors: list[Tensor]) -> Tensor:
 
 
 def _all_finite(tensors: list[Tensor]) -> bool:
-    return bool(torch.isfinite(_global_norm(tensors)))
+    return not tensors or bool(torch.isfinite(_global_norm(tensors)))
