@@ -42,7 +42,18 @@ class Experiment:
     run: Callable[[RunOptions], ExperimentResult]
 
 
-REGISTRY: dict[str, str] = {}
+REGISTRY: dict[str, str] = {
+    "phase": "safestep.lab.experiments.phase",
+    "spike": "safestep.lab.experiments.spike",
+    "archgrid": "safestep.lab.experiments.archgrid",
+    "temperature": "safestep.lab.experiments.temperature",
+    "directions": "safestep.lab.experiments.directions",
+    "bottlenecks": "safestep.lab.experiments.bottlenecks",
+    "natural": "safestep.lab.experiments.natural",
+    "calibration": "safestep.lab.experiments.calibration",
+    "belief-tracking": "safestep.lab.experiments.belief_tracking",
+    "belief-slice": "safestep.lab.experiments.belief_slice",
+}
 
 
 def load(name: str) -> Experiment:

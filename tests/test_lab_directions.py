@@ -1,0 +1,53 @@
+"""`safestep reproduce directions --quick`: descent vs random directions and ρ_a vs the Hessian step 2/κ."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from safestep.lab.experiments import RunOptions, load
+from safestep.lab.experiments.directions import STAGES
+from safestep.lab.report import write_result
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def result(one_thread):
+    return load("directions").run(RunOptions(quick=True))
+
+
+def test_stages_reach_their_accuracy_targets(result):
+    for stage, target in STAGES.items():
+        assert all(run["test_accuracy"] >= target for run in result.metrics["stages"][stage])
+
+
+def test_hessian_step_exceeds_rho_a_and_the_gap_grows(result):
+    stages = result.metrics["stages"]
+    for runs in stages.values():
+        for d in (d for run in runs for d in run["random"]):
+            if d["kappa"] > 0:
+                assert 2.0 / d["kappa"] > d["rho_a"]
+    summary = result.metrics["summary"]
+    assert summary["late"]["hessian_ratio_random"]["median"] > 5 * summary["early"]["hessian_ratio_random"]["median"]
+
+
+def test_descent_lowers_the_loss_for_small_r(result):
+    r = np.asarray(result.metrics["r"])
+    small = int(np.argmin(np.abs(np.log(r / 0.1))))
+    for runs in result.metrics["stages"].values():
+        for run in runs:
+            assert run["gradient"]["loss_ratio"][small] < 1.0
+            assert run["gradient"]["flip_fraction"][small] < 0.1
+
+
+def test_report_files(result, tmp_path):
+    paths = write_result(result, tmp_path)
+    assert {"results.json", "report.md", "directions_sweep.png", "directions_hessian.png"} <= set(paths)
+    assert result.claims[0].verdict == "holds"

@@ -1,0 +1,50 @@
+"""`safestep reproduce temperature --quick`: loss-doubling onsets in τ vs in r_T = τ/ρ_a(T)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from safestep.lab.experiments import RunOptions, load
+from safestep.lab.experiments.temperature import collapse_std
+from safestep.lab.report import write_result
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def result(one_thread):
+    return load("temperature").run(RunOptions(quick=True))
+
+
+def test_collapse_std_is_the_std_of_log10_median_onsets():
+    assert collapse_std({1.0: [10.0, 10.0], 2.0: [50.0, 100.0, 200.0]}) == pytest.approx(0.5)
+    assert collapse_std({1.0: [math.inf], 2.0: [10.0], 4.0: [1000.0]}) == pytest.approx(1.0)
+    assert math.isnan(collapse_std({1.0: [10.0]}))
+
+
+def test_onsets_agree_better_in_r_T_than_in_raw_tau(result):
+    stds = result.metrics["collapse_std"]
+    assert stds["r_T"] < 0.5 * stds["tau"]
+    for run in result.metrics["runs"]:
+        assert 0.5 < run["onset_r_T"] < 5.0, run["temperature"]
+        assert run["onset_r_T"] == pytest.approx(run["onset_tau"] / run["rho_T"])
+
+
+def test_radius_grows_with_temperature(result):
+    rho = [s["rho_T"]["median"] for s in result.metrics["per_temperature"].values()]
+    assert np.all(np.diff(rho) > 0)
+
+
+def test_report_files(result, tmp_path):
+    paths = write_result(result, tmp_path)
+    assert {"results.json", "report.md", "temperature_fingerprint.png"} <= set(paths)
+    assert "collapse std" in (tmp_path / "report.md").read_text()
