@@ -221,7 +221,7 @@ def run(options: RunOptions) -> ExperimentResult:
 
 EXPERIMENT = Experiment(
     name="belief-slice",
-    paper_ref="arXiv 2605.06741 Fig. 2",
+    paper_ref="Belief space, Fig. 2",
     summary="η_max and η_ADS on the binary slice p=(t,1−t) (paper, sharp, tangent rules); K=3 reference table",
     full_time="~1 s",
     quick_time="~1 s (same as full)",

@@ -437,7 +437,7 @@ def run(options: RunOptions) -> ExperimentResult:
 
 EXPERIMENT = Experiment(
     name="belief-tracking",
-    paper_ref="arXiv 2605.06741 §10",
+    paper_ref="Belief space, §10",
     summary="K=3 belief tracking a shifting target: High η collapses to a vertex, Low and ADS-aware track, ADS faster",
     full_time="~5 s",
     quick_time="~5 s (same as full)",

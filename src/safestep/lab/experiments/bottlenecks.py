@@ -349,7 +349,7 @@ def run_config(config: BottleneckConfig, options: RunOptions) -> ExperimentResul
                      "full 1258-row batch, seeds 0..4.")
     return ExperimentResult(
         name="bottlenecks", title="Fig. 11 / Table 2: which radius binds in a tiny transformer",
-        paper_ref="arXiv 2603.13552 §6.6, Fig. 11, Table 2", protocol=protocol, config=asdict(config),
+        paper_ref="Ghosts of Softmax §6.6, Fig. 11, Table 2", protocol=protocol, config=asdict(config),
         seeds=list(config.seeds),
         metrics={"phases": table, "modes": modes, "seed_trajectories": trajectories,
                  "runs": [asdict(log) for log in logs]},
@@ -372,7 +372,7 @@ def run(options: RunOptions) -> ExperimentResult:
 
 EXPERIMENT = Experiment(
     name="bottlenecks",
-    paper_ref="arXiv 2603.13552 §6.6, Fig. 11, Table 2",
+    paper_ref="Ghosts of Softmax, Fig. 11 / Table 2",
     summary="Tiny transformer: ρ_out vs ρ_attn vs ρ_ffn set-mode controllers and which radius binds per phase",
     full_time="≈ 5 h quiet, ≈ 20 h loaded (estimated from per-step timings)",
     quick_time="≈ 25 s (≈ 2 min on the loaded machine)",

@@ -237,7 +237,7 @@ def run_config(config: NaturalConfig, options: RunOptions) -> ExperimentResult:
         notes.append(f"Reduced protocol (not the paper's): {asdict(config)}.")
     return ExperimentResult(
         name="natural", title="Fig. 12 / Table 3 analogue: fixed LRs vs the ρ-set controller (digits CNN)",
-        paper_ref="arXiv 2603.13552 §6.7, Fig. 12, Table 3", protocol=protocol,
+        paper_ref="Ghosts of Softmax §6.7, Fig. 12, Table 3", protocol=protocol,
         config={**asdict(config), "steps": steps}, seeds=list(config.seeds),
         metrics={"fixed": {f"{k:g}": v for k, v in fixed.items()}, "controlled": {f"{k:g}": v for k, v in
                                                                                   controlled.items()}},
@@ -258,7 +258,7 @@ def run(options: RunOptions) -> ExperimentResult:
 
 EXPERIMENT = Experiment(
     name="natural",
-    paper_ref="arXiv 2603.13552 §6.7, Fig. 12, Table 3",
+    paper_ref="Ghosts of Softmax, Fig. 12 / Table 3 (analogue)",
     summary="Fixed-LR SGD+momentum (r monitored) vs the ρ-set controller at r = 0.5, 1, 2, 4 on a digits CNN",
     full_time="≈ 10 min quiet, ≈ 32 min loaded (2 seeds took 12.6 min)",
     quick_time="≈ 20 s (≈ 1.5 min on the loaded machine)",
