@@ -31,15 +31,6 @@ RHO_SIZES = (12, 20)  # unequal rows per rank: the quantile gather pads
 TRAIN_SIZE, TRAIN_STEPS, RESUMED_STEPS = 16, 4, 2
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: intra-op threads only add contention on a shared machine (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 # -- data, model, optimizers shared by parent and children --------------------------------------------------
 def _shard(rank, n):
     g = torch.Generator().manual_seed(100 + rank)

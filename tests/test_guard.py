@@ -12,14 +12,6 @@ from safestep.bounds import Belief
 from safestep.telemetry import CSVSink
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: intra-op threads only add contention on a shared machine (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 OPTIMIZERS = {
     "sgd": lambda p: torch.optim.SGD(p, lr=0.5, momentum=0.9, nesterov=True, weight_decay=1e-2),
     "adam": lambda p: torch.optim.Adam(p, lr=0.3),

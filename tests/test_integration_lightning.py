@@ -25,15 +25,6 @@ SPIKE_AT = 6
 SPIKE_FACTOR = 1e4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: intra-op threads only add contention on a shared machine (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(autouse=True)
 def _quiet_lightning():
     with warnings.catch_warnings():

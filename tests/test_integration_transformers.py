@@ -31,15 +31,6 @@ KEYS = ("tau", "rho", "r", "scale", "r_applied", "capped", "skipped", "r_applied
         "skipped_fraction", "steps")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: intra-op threads only add contention on a shared machine (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(autouse=True)
 def _quiet():
     with warnings.catch_warnings():

@@ -5,21 +5,12 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from safestep.lab.experiments import REGISTRY, RunOptions, load
 from safestep.lab.experiments.archgrid import (
     GRAD_PROXY, METHODS, QUICK, GridConfig, result_from_runs, run_grid, unshuffled_digits_split,
 )
 from safestep.lab.report import write_result
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_unshuffled_split_takes_the_first_359_rows_as_test_set():

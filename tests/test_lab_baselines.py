@@ -13,14 +13,6 @@ from safestep.lab.data import Split
 from safestep.lab.training import train
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _param(value, grad) -> nn.Parameter:
     p = nn.Parameter(torch.tensor(value, dtype=torch.float64))
     p.grad = torch.tensor(grad, dtype=torch.float64)

@@ -14,14 +14,6 @@ from safestep.lab.internal_radii import TinyTransformer
 from safestep.lab.report import write_result
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def small_batch():
     data = _digits(48)

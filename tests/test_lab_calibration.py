@@ -18,14 +18,6 @@ from safestep.lab.models import Linear
 from safestep.lab.report import write_result
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
 def result():
     return run(RunOptions(quick=True))

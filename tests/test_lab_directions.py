@@ -3,23 +3,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import torch
 
 from safestep.lab.experiments import RunOptions, load
 from safestep.lab.experiments.directions import STAGES
 from safestep.lab.report import write_result
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
-def result(one_thread):
+def result():
     return load("directions").run(RunOptions(quick=True))
 
 

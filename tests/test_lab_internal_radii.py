@@ -19,14 +19,6 @@ from safestep.lab.internal_radii import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _tiny(n_heads: int = 1, n_layers: int = 1, seed: int = 0) -> tuple[TinyTransformer, torch.Tensor]:
     torch.manual_seed(seed)
     model = TinyTransformer(d_model=4, n_heads=n_heads, n_layers=n_layers, ffn_mult=2, n_classes=3).double()

@@ -4,20 +4,11 @@ from __future__ import annotations
 import math
 
 import pytest
-import torch
 
 from safestep.lab.experiments import RunOptions
 from safestep.lab.experiments.natural import EXPERIMENT, QUICK, NaturalConfig, applied_r
 from safestep.lab.report import write_result
 from safestep.lab.training import StepRecord, TrainResult
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_applied_r_scales_the_proposed_r_and_skips_unmeasured_steps():

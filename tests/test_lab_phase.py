@@ -5,22 +5,13 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from safestep.lab.experiments import RunOptions, load
 from safestep.lab.report import write_result
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture(scope="module")
-def result(one_thread):
+def result():
     return load("phase").run(RunOptions(quick=True))
 
 

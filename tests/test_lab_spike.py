@@ -4,19 +4,10 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from safestep.lab.experiments import REGISTRY, RunOptions, load
 from safestep.lab.experiments.spike import MODES, QUICK, SpikeConfig, run_one
 from safestep.lab.report import write_result
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

@@ -15,14 +15,6 @@ from safestep.lab.sweeps import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture()
 def linear_case():
     """A random 5-feature, 4-class linear model, 30 samples and a random unit direction (V, v_b)."""

@@ -13,15 +13,6 @@ from safestep import LRFinderResult, find_lr
 from safestep.lr_finder import rolling_min
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_thread():
-    """Tiny models: intra-op threads only add contention on a shared machine (restored afterwards)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _blobs(n=96, d=5, k=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     y = torch.arange(n) % k
