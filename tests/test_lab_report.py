@@ -123,3 +123,10 @@ def test_reproduce_unknown_name_exits_2(tmp_path: Path, toy_registry, capsys):
     assert main(["reproduce", "nope", "--out", str(tmp_path)]) == 2
     assert "unknown experiment 'nope'" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
+
+
+def test_run_options_seeds():
+    assert RunOptions().seed_tuple((7, 11)) == (7, 11)
+    assert RunOptions(seeds=3).seed_tuple((7, 11)) == (0, 1, 2)
+    with pytest.raises(ValueError, match="seeds must be >= 1"):
+        RunOptions(seeds=0)

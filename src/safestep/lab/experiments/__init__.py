@@ -24,6 +24,14 @@ class RunOptions:
     seeds: int | None = None
     progress: Progress | None = None
 
+    def __post_init__(self) -> None:
+        if self.seeds is not None and self.seeds < 1:
+            raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+
+    def seed_tuple(self, default: tuple[int, ...]) -> tuple[int, ...]:
+        """Seeds 0..N-1 when N seeds were asked for, else the experiment's ``default`` seeds."""
+        return default if self.seeds is None else tuple(range(self.seeds))
+
     def report(self, done: int, total: int, label: str) -> None:
         """Forward progress to the callback, if any."""
         if self.progress is not None:

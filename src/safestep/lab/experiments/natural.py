@@ -249,11 +249,7 @@ def run_config(config: NaturalConfig, options: RunOptions) -> ExperimentResult:
 def run(options: RunOptions) -> ExperimentResult:
     """The full (paper-shaped) or quick protocol; ``options.seeds`` = N uses seeds 0..N-1."""
     config = QUICK if options.quick else FULL
-    if options.seeds is not None:
-        if options.seeds < 1:
-            raise ValueError(f"seeds must be >= 1, got {options.seeds}")
-        config = replace(config, seeds=tuple(range(options.seeds)))
-    return run_config(config, options)
+    return run_config(replace(config, seeds=options.seed_tuple(config.seeds)), options)
 
 
 EXPERIMENT = Experiment(
