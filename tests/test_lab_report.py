@@ -108,7 +108,8 @@ def test_list_and_reproduce_run_through_the_registry(tmp_path: Path, toy_registr
     out = tmp_path / "run"
     assert main(["reproduce", "toy", "--quick", "--seeds", "2", "--out", str(out), "--no-progress"]) == 0
     assert toy_registry[-1].quick and toy_registry[-1].seeds == 2
-    assert (out / "report.md").exists() and (out / "results.json").exists()
+    assert "Quick (CI-sized) run" in (out / "report.md").read_text()
+    assert json.loads((out / "results.json").read_text())["quick"] is True
     printed = capsys.readouterr().out
     assert "[holds] value is one half" in printed
 
@@ -116,7 +117,8 @@ def test_list_and_reproduce_run_through_the_registry(tmp_path: Path, toy_registr
 def test_reproduce_all_writes_one_folder_per_experiment_and_a_combined_report(tmp_path: Path, toy_registry):
     assert main(["reproduce", "all", "--out", str(tmp_path), "--no-progress"]) == 0
     assert (tmp_path / "toy" / "report.md").exists() and (tmp_path / "toy2" / "results.json").exists()
-    assert "Verdicts:" in (tmp_path / "report.md").read_text()
+    combined = (tmp_path / "report.md").read_text()
+    assert "Verdicts:" in combined and "Quick (CI-sized) run" not in combined
 
 
 def test_reproduce_unknown_name_exits_2(tmp_path: Path, toy_registry, capsys):

@@ -106,14 +106,14 @@ def _run_reproduce(args: argparse.Namespace) -> int:
                 bar.update(done - bar.n)
 
             result = exp.run(RunOptions(quick=args.quick, seeds=args.seeds, progress=advance))
-        paths = write_result(result, out / exp.name if len(experiments) > 1 else out)
+        paths = write_result(result, out / exp.name if len(experiments) > 1 else out, quick=args.quick)
         results.append(result)
         print(f"\n{result.title} ({result.seconds:.1f} s)")
         for claim in result.claims:
             print(f"  [{claim.verdict}] {claim.claim}: paper {claim.paper} | ours {claim.ours}")
         print("  wrote " + ", ".join(str(p) for p in paths.values()))
     if len(experiments) > 1:
-        print(f"\ncombined report: {write_combined_report(results, out)}")
+        print(f"\ncombined report: {write_combined_report(results, out, quick=args.quick)}")
     return 0
 
 

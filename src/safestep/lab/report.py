@@ -77,9 +77,14 @@ def _claims_table(claims: list[Claim]) -> list[str]:
     return rows
 
 
-def _markdown(result: ExperimentResult, figure_files: list[str]) -> str:
-    lines = [f"# {result.title}", "", f"Paper reference: {result.paper_ref}. "
-             f"Command: `safestep reproduce {result.name}`. Seeds: {result.seeds}. "
+_QUICK_BANNER = ("> **Quick (CI-sized) run:** fewer seeds, steps or settings than the paper's protocol; the verdicts "
+                 "describe this run. Run without `--quick` for the full protocol.")
+
+
+def _markdown(result: ExperimentResult, figure_files: list[str], quick: bool) -> str:
+    command = f"safestep reproduce {result.name}" + (" --quick" if quick else "")
+    lines = [f"# {result.title}", ""] + ([_QUICK_BANNER, ""] if quick else []) + [
+             f"Paper reference: {result.paper_ref}. Command: `{command}`. Seeds: {result.seeds}. "
              f"Run time: {result.seconds:.1f} s.", "", "## Protocol", "", result.protocol, "",
              "## Paper vs ours", ""]
     lines += _claims_table(result.claims)
@@ -94,7 +99,7 @@ def _markdown(result: ExperimentResult, figure_files: list[str]) -> str:
     return "\n".join(lines)
 
 
-def write_result(result: ExperimentResult, out_dir: str | Path) -> dict[str, Path]:
+def write_result(result: ExperimentResult, out_dir: str | Path, quick: bool = False) -> dict[str, Path]:
     """Write results.json, one PNG per figure and report.md into ``out_dir``; returns the written paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -102,18 +107,19 @@ def write_result(result: ExperimentResult, out_dir: str | Path) -> dict[str, Pat
     for stem, build in result.figures.items():
         paths[f"{stem}.png"] = write_figure(out / f"{stem}.png", build())
     payload = {
-        "name": result.name, "title": result.title, "paper_ref": result.paper_ref, "protocol": result.protocol,
+        "name": result.name, "title": result.title, "quick": quick, "paper_ref": result.paper_ref,
+        "protocol": result.protocol,
         "config": result.config, "seeds": result.seeds, "seconds": result.seconds, "environment": environment(),
         "claims": [vars(c) for c in result.claims], "notes": result.notes, "metrics": result.metrics,
     }
     paths["results.json"] = write_json(out / "results.json", payload)
-    paths["report.md"] = write_text(out / "report.md", _markdown(result, [p for p in paths if p.endswith(".png")]))
+    paths["report.md"] = write_text(out / "report.md", _markdown(result, [p for p in paths if p.endswith(".png")], quick))
     return paths
 
 
-def write_combined_report(results: list[ExperimentResult], out_dir: str | Path) -> Path:
+def write_combined_report(results: list[ExperimentResult], out_dir: str | Path, quick: bool = False) -> Path:
     """Write out_dir/report.md: every experiment's claims in one table, linking each experiment's folder."""
-    lines = ["# safestep reproduction report", "",
+    lines = ["# safestep reproduction report", ""] + ([_QUICK_BANNER, ""] if quick else []) + [
              "Each experiment's folder holds its own report.md, results.json and figures.", "",
              "| experiment | claim | paper | ours | verdict |", "|---|---|---|---|---|"]
     for result in results:
