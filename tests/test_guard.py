@@ -456,3 +456,39 @@ def test_lr_spike_is_contained():
     assert plain_peak > 20 and plain_loss > 10  # measured: peak ≈ 127, final ≈ 118
     assert safe_peak < 0.5 and safe_loss < 0.1 and safe_acc > 0.95  # measured: final ≈ 0.025, acc 0.995
     assert plain_acc < safe_acc
+
+
+def test_monitor_mode_measures_but_applies_exactly_what_the_inner_optimizer_does():
+    x, y = _blobs()
+    model, inner, ref_model, ref_inner = _warm_pair(lambda p: torch.optim.Adam(p, lr=3.0), x, y)
+    capped_model, capped_inner = copy.deepcopy((model, inner))
+    monitor = SafeStep(inner, model, mode="monitor", probe_size=None)
+    capped = SafeStep(capped_inner, capped_model, mode="cap", probe_size=None)
+    theta0 = _flat(model)
+    _train_step(model, monitor, x, y)
+    _train_step(capped_model, capped, x, y)
+    _train_step(ref_model, ref_inner, x, y)
+    assert torch.equal(_flat(model), _flat(ref_model))  # bit for bit the unwrapped step, although r > 1
+    _states_equal(inner, ref_inner)
+    report = monitor.last_report
+    assert report.scale == 1.0 and not report.skipped and report.r > 1
+    assert report.tau == pytest.approx((_flat(ref_model) - theta0).double().norm().item(), rel=1e-5)
+    assert report.rho == pytest.approx(capped.last_report.rho, rel=1e-9)  # the same radius a guarded step uses
+    assert capped.last_report.scale < 1
+
+
+def test_monitor_mode_applies_non_finite_steps_like_a_plain_optimizer():
+    x, y = _blobs()
+    model = _mlp()
+    twin = copy.deepcopy(model)
+    monitor = SafeStep(torch.optim.SGD(model.parameters(), lr=0.1), model, mode="monitor")
+    plain = torch.optim.SGD(twin.parameters(), lr=0.1)
+    for m, opt in ((model, monitor), (twin, plain)):
+        loss = F.cross_entropy(m(x), y)
+        opt.zero_grad()
+        loss.backward()
+        m[0].weight.grad[0, 0] = math.nan
+        opt.step()
+    assert torch.equal(_flat(model).isnan(), _flat(twin).isnan()) and _flat(model).isnan().any()
+    assert not monitor.last_report.skipped and monitor.last_report.scale == 1.0
+    assert "applied unmeasured" in monitor.last_report.reason

@@ -238,7 +238,7 @@ def test_monitor_measures_tau_and_rho_of_a_plain_step_against_the_closed_form(di
     moved = _distance(model, W0, b0)
     assert record.tau == pytest.approx(tau, rel=1e-4) and moved == pytest.approx(tau, rel=1e-4)  # step untouched
     assert record.rho == pytest.approx(rho, rel=1e-4) and record.r == pytest.approx(tau / rho, rel=1e-4)
-    assert record.scale is None
+    assert record.scale == 1.0 and result.steps_capped == 0  # measured, never scaled
 
 
 def test_safestep_guard_caps_a_long_step_at_the_closed_form_radius(digits):

@@ -26,13 +26,16 @@ from .telemetry import History, ReportSink, StepReport
 
 __all__ = ["SafeStep", "MODES", "DEFAULT_PROBE_SIZE"]
 
-MODES = ("cap", "set")
+MODES = ("cap", "set", "monitor")
 DEFAULT_PROBE_SIZE = 16
 _GROUP_KEYS = {"safestep_steps": 0, "safestep_skipped": 0}
 
 
 class SafeStep(torch.optim.Optimizer):
     """Wrap ``optimizer`` so that every applied update has length at most r·ρ (cap) or exactly r·ρ (set).
+
+    ``mode="monitor"`` measures τ, ρ and r = τ/ρ of every step but applies the inner optimizer's update exactly
+    as an unwrapped optimizer would (never scaled, skipped or restored): a read-only diagnostic.
 
     ``model`` is the network whose cross-entropy logits the step must keep analytic; a forward pre-hook
     captures the inputs of its latest gradient-recording call, or pass ``step(inputs=x)``. ``bound`` is
@@ -241,6 +244,9 @@ class SafeStep(torch.optim.Optimizer):
             self.optimizer.step()
             return _record(0.0, math.inf, 1.0, name)
         if self.reducer.any(not _all_finite([local_tensor(p.grad) for p in params if p.grad is not None])):
+            if self.mode == "monitor":
+                self.optimizer.step()
+                return _record(math.nan, math.nan, 1.0, name, reason="non-finite gradient: applied unmeasured (monitor)")
             return _record(math.nan, math.nan, 0.0, name, skipped=True, reason="non-finite gradient: step skipped")
         live = [local_tensor(p).detach() for p in params]
         theta0 = [t.clone() for t in live]
@@ -249,8 +255,7 @@ class SafeStep(torch.optim.Optimizer):
         tau_t, theta_norm = self._norms(direction, theta0)
         tau = tau_t.item()
         if not math.isfinite(tau):
-            torch._foreach_copy_(live, theta0)
-            return _record(tau, math.nan, 0.0, name, skipped=True, reason="non-finite update: parameters restored")
+            return self._uncertified(live, theta0, tau, name, "non-finite update")
         if tau == 0.0:
             return _record(0.0, math.inf, 1.0, name, reason="zero update")
         torch._foreach_div_(direction, tau_t)
@@ -273,9 +278,7 @@ class SafeStep(torch.optim.Optimizer):
                 )
             finite, rho = agreement.probe_ok, agreement.rho
         if not finite:
-            torch._foreach_copy_(live, theta0)
-            return _record(tau, math.nan, 0.0, name, slopes.method, probe_size, skipped=True,
-                           reason="non-finite probe output: parameters restored")
+            return self._uncertified(live, theta0, tau, name, "non-finite probe output", slopes.method, probe_size)
         if not self.reducer.active:
             rho = float(self.bound(slopes.logits, slopes.slopes, labels))
         scale, reason = self._scale(tau, rho)
@@ -300,7 +303,17 @@ class SafeStep(torch.optim.Optimizer):
             names = [self._names[id(p)] for p in params]
             return self.probe(dict(zip(names, theta0)), dict(zip(names, direction)), inputs, self.method)
 
+    def _uncertified(self, live: list[Tensor], theta0: list[Tensor], tau: float, bound: str, why: str,
+                     method: str = "none", probe_size: int = 0) -> dict[str, Any]:
+        """A step no radius certifies: restored to θ0 and reported skipped (cap, set), or left applied (monitor)."""
+        if self.mode == "monitor":
+            return _record(tau, math.nan, 1.0, bound, method, probe_size, reason=f"{why}: applied unmeasured (monitor)")
+        torch._foreach_copy_(live, theta0)
+        return _record(tau, math.nan, 0.0, bound, method, probe_size, skipped=True, reason=f"{why}: parameters restored")
+
     def _scale(self, tau: float, rho: float) -> tuple[float, str]:
+        if self.mode == "monitor":
+            return 1.0, ""
         if math.isinf(rho):
             return 1.0, "infinite radius: inner update applied unscaled"
         target = self.r * rho / tau

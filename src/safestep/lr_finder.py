@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import math
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -32,9 +31,6 @@ from .probe import Inputs, LogitsFn, default_logits_fn
 
 __all__ = ["LRStep", "LRRound", "LRFinderResult", "find_lr", "cross_entropy"]
 
-# SafeStep as a pure monitor: with r = the largest float, cap mode scales a step only if τ/ρ > 1.8e308.
-_MONITOR_R = sys.float_info.max
-
 LossFn = Callable[[Tensor, Any], Tensor]
 InputsFn = Callable[[Any], "tuple[Inputs, Any]"]
 Progress = Callable[["LRStep"], None]
@@ -44,8 +40,8 @@ Progress = Callable[["LRStep"], None]
 class LRStep:
     """One measured warm-up step: τ = ‖Δθ‖ at LR ``lr``, radius ρ along Δθ/τ, r = τ/ρ, lr_safe = lr·ρ/τ.
 
-    ``loss`` is the training loss of the batch before the step; ``skipped`` marks a non-finite gradient or
-    update (SafeStep left the parameters unchanged; r and lr_safe are nan).
+    ``loss`` is the training loss of the batch before the step; ``skipped`` marks a step that could not be
+    measured (a non-finite gradient, update or probe: r and lr_safe are nan, and the round counts as unsafe).
     """
 
     round: int
@@ -235,7 +231,7 @@ def find_lr(
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda):
-            guard = SafeStep(optimizer, model, r=_MONITOR_R, mode="cap", bound=bound, method=method,
+            guard = SafeStep(optimizer, model, mode="monitor", bound=bound, method=method,
                              probe_size=probe_size, aggregate=aggregate, logits_fn=logits_fn, capture=False,
                              history=1)
             return _search(run, guard, snapshot, float(lr), rounds, float(rtol), window)
@@ -315,9 +311,9 @@ class _RoundRunner:
             loss.backward()
             guard.step(inputs=inputs, labels=_class_labels(labels, logits))
             report = guard.last_report
-            lr_safe = lr / report.r if report.r > 0 else math.inf
-            step = LRStep(index, t, lr, float(loss.detach()), report.tau, report.rho, report.r,
-                          math.nan if report.skipped else lr_safe, report.skipped)
+            unmeasured = math.isnan(report.r)  # the monitor applied a step no radius describes
+            lr_safe = math.nan if unmeasured else (lr / report.r if report.r > 0 else math.inf)
+            step = LRStep(index, t, lr, float(loss.detach()), report.tau, report.rho, report.r, lr_safe, unmeasured)
             steps.append(step)
             if self.progress is not None:
                 self.progress(step)

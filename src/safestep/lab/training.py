@@ -146,6 +146,11 @@ def _wrap_in_guard(optimizer: torch.optim.Optimizer, model: nn.Module, options: 
     return SafeStep(optimizer, model, **{"r": 1.0, "mode": "cap", **options})
 
 
+def _monitor_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The guard options of a read-only SafeStep: same bound, estimator and probe rows; nothing is scaled."""
+    return {key: value for key, value in options.items() if key not in ("r", "mode")} | {"mode": "monitor"}
+
+
 def _report_fields(report: Any) -> dict[str, Any]:
     return {
         "tau": float(report.tau),
@@ -158,7 +163,7 @@ def _report_fields(report: Any) -> dict[str, Any]:
 
 def _make_update(
     optimizer: torch.optim.Optimizer, model: nn.Module, guard: str, clip_norm: float,
-    options: Mapping[str, Any], monitor: "_StepMonitor | None",
+    options: Mapping[str, Any], monitored: bool,
 ) -> Callable[[Tensor], dict[str, Any]]:
     """The post-backward part of a step, as update(x) -> the StepRecord fields it measured."""
     from .baselines import GradientDirectionController, adaptive_grad_clip_
@@ -170,56 +175,15 @@ def _make_update(
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
         if guard == "agc":
             adaptive_grad_clip_(model.parameters(), **options)
-        if guard == "safestep":
+        if guard == "safestep" or monitored:
             optimizer.step(inputs=inputs)
             return _report_fields(optimizer.last_report)
         if controller is not None:
             return controller.step(optimizer, inputs)
-        if monitor is None:
-            optimizer.step()
-            return {}
-        theta0 = monitor.snapshot()
         optimizer.step()
-        return monitor.measure(theta0, inputs)
+        return {}
 
     return update
-
-
-class _StepMonitor:
-    """Read-only measurement of an unguarded step: τ = ‖θ1 − θ0‖ and the bound ρ along (θ1 − θ0)/τ at θ0.
-
-    Uses safestep's probe and bound with the guard's defaults (same probe rows, estimator and bound), so a
-    monitored run's r is comparable with a guarded run's; the parameters are never modified.
-    """
-
-    def __init__(self, model: nn.Module, options: Mapping[str, Any]) -> None:
-        from safestep.bounds import make_bound
-        from safestep.guard import DEFAULT_PROBE_SIZE
-        from safestep.probe import LogitProbe
-
-        self.probe = LogitProbe(model)
-        self.bound = make_bound(options.get("bound", "ghost"))
-        self.method = options.get("method", "auto")
-        self.probe_size = options.get("probe_size", DEFAULT_PROBE_SIZE)
-        self.params = {name: p for name, p in model.named_parameters() if p.requires_grad}
-
-    def snapshot(self) -> dict[str, Tensor]:
-        """θ0, copied."""
-        return {name: p.detach().clone() for name, p in self.params.items()}
-
-    def measure(self, theta0: dict[str, Tensor], inputs: Tensor) -> dict[str, float]:
-        """τ, ρ and r = τ/ρ of the step already applied since ``snapshot()`` (NaN where undefined)."""
-        from safestep.probe import probe_rows
-
-        delta = {name: p.detach() - theta0[name] for name, p in self.params.items()}
-        tau = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in delta.values()])))
-        if not math.isfinite(tau) or tau == 0.0:
-            return {"tau": tau, "rho": math.nan, "r": math.nan}
-        rows = None if self.probe.uses_batch_statistics() else probe_rows(len(inputs), self.probe_size)
-        probed = inputs if rows is None else inputs.index_select(0, rows)
-        slopes = self.probe(theta0, {name: d / tau for name, d in delta.items()}, probed, self.method)
-        rho = float(self.bound(slopes.logits, slopes.slopes))
-        return {"tau": tau, "rho": rho, "r": tau / rho if rho > 0 else math.inf}
 
 
 def train(
@@ -259,9 +223,9 @@ def train(
 
     options = dict(guard_options or {})
     optimizer = optimizer_factory(model.parameters())
-    if guard == "safestep":
-        optimizer = _wrap_in_guard(optimizer, model, options)
-    update = _make_update(optimizer, model, guard, clip_norm, options, _StepMonitor(model, options) if monitor else None)
+    if guard == "safestep" or monitor:
+        optimizer = _wrap_in_guard(optimizer, model, _monitor_options(options) if monitor else options)
+    update = _make_update(optimizer, model, guard, clip_norm, options, monitor)
 
     generator = torch.Generator().manual_seed(seed)
     batches = _minibatches(len(data.y_train), batch_size, generator)
