@@ -166,16 +166,13 @@ class History:
 
     def to_csv(self, path: str | Path) -> Path:
         """Write the stored reports to a CSV file; returns its path."""
-        sink = CSVSink(path)
-        sink._open()
-        for report in self._reports:
-            sink.write(report)
-        sink.close()
-        return sink.path
+        return self._dump(CSVSink(path))
 
     def to_jsonl(self, path: str | Path) -> Path:
         """Write the stored reports to a JSON-lines file; returns its path."""
-        sink = JSONLSink(path)
+        return self._dump(JSONLSink(path))
+
+    def _dump(self, sink: "CSVSink | JSONLSink") -> Path:
         sink._open()
         for report in self._reports:
             sink.write(report)
