@@ -17,6 +17,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
+from safestep.probe import LogitProbe  # noqa: E402
 from safestep import SafeStep, StepReport  # noqa: E402
 from safestep.integrations import interval_metrics, unwrap_safestep  # noqa: E402
 from safestep.integrations.transformers import (  # noqa: E402
@@ -136,13 +137,16 @@ def test_gpt2_lm_large_lr_is_capped_and_every_applied_step_stays_within_the_radi
     assert len(probe_dtypes) == 8 and set(probe_dtypes) == {torch.bfloat16 if bf16 else torch.float32}
 
 
-def test_hf_logits_fn_drops_label_keys_and_probes_in_eval_mode():
+def test_hf_logits_fn_drops_label_keys_and_the_probe_runs_without_dropout():
     model = _gpt2(dropout=0.5).train()
     ids = torch.randint(0, VOCAB, (3, SEQ), generator=torch.Generator().manual_seed(1))
     bad_labels = torch.zeros(7, dtype=torch.long)  # would raise inside the loss if it reached the model
     inputs = {"input_ids": ids, "labels": bad_labels, "num_items_in_batch": torch.tensor(7)}
 
-    first, second = hf_logits_fn(model, inputs), hf_logits_fn(model, inputs)
+    probe = LogitProbe(model, hf_logits_fn)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    zero = {name: torch.zeros_like(p) for name, p in params.items()}
+    first, second = probe(params, zero, inputs, "jvp").logits, probe(params, zero, inputs, "jvp").logits
     assert all(m.training for m in model.modules())  # every training flag restored
     model.eval()
     with torch.no_grad():

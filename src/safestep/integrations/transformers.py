@@ -8,8 +8,7 @@ statistics to every training log.
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import transformers
@@ -24,18 +23,6 @@ __all__ = ["SafeStepTrainerCallback", "hf_logits_fn", "without_label_keys", "add
 NON_INPUT_KEYS = ("labels", "label", "label_ids", "return_loss", "num_items_in_batch")
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """model.eval() inside the block; every submodule's own training flag is restored afterwards."""
-    flags = [(module, module.training) for module in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, training in flags:
-            module.training = training
-
-
 def without_label_keys(inputs: Inputs) -> Inputs:
     """The inputs with the keyword arguments named in ``NON_INPUT_KEYS`` removed (positional ones are kept)."""
     if isinstance(inputs, CallArgs):
@@ -46,14 +33,12 @@ def without_label_keys(inputs: Inputs) -> Inputs:
 
 
 def hf_logits_fn(model: nn.Module, inputs: Inputs) -> Tensor:
-    """z = model(**inputs minus label/loss keys).logits, evaluated in eval mode (dropout off, no loss computed).
+    """z = model(**inputs minus label/loss keys).logits: keys in ``NON_INPUT_KEYS`` are dropped, so no loss is computed.
 
-    Eval mode matters: HF attention layers pass ``dropout_p`` to SDPA from their own ``training`` flag, a
-    functional dropout that the probe cannot switch off module by module. Keys in ``NON_INPUT_KEYS`` are
-    dropped so the model computes no loss during the probe.
+    Dropout (including HF attention dropout read from a layer's ``training`` flag) is switched off by the probe
+    itself, which evaluates the model's deterministic self.
     """
-    with _eval_mode(model):
-        return extract_logits(call_model(model, without_label_keys(inputs)))
+    return extract_logits(call_model(model, without_label_keys(inputs)))
 
 
 class SafeStepTrainerCallback(transformers.TrainerCallback):
