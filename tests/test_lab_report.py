@@ -130,5 +130,6 @@ def test_reproduce_unknown_name_exits_2(tmp_path: Path, toy_registry, capsys):
 def test_run_options_seeds():
     assert RunOptions().seed_tuple((7, 11)) == (7, 11)
     assert RunOptions(seeds=3).seed_tuple((7, 11)) == (0, 1, 2)
+    assert RunOptions().seed_tuple(3) == (0, 1, 2) and RunOptions(seeds=1).seed_tuple(3) == (0,)
     with pytest.raises(ValueError, match="seeds must be >= 1"):
         RunOptions(seeds=0)

@@ -28,9 +28,11 @@ class RunOptions:
         if self.seeds is not None and self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
 
-    def seed_tuple(self, default: tuple[int, ...]) -> tuple[int, ...]:
-        """Seeds 0..N-1 when N seeds were asked for, else the experiment's ``default`` seeds."""
-        return default if self.seeds is None else tuple(range(self.seeds))
+    def seed_tuple(self, default: int | tuple[int, ...]) -> tuple[int, ...]:
+        """Seeds 0..N-1 when N seeds were asked for, else the experiment's ``default`` (seeds, or a count)."""
+        if self.seeds is not None:
+            return tuple(range(self.seeds))
+        return tuple(range(default)) if isinstance(default, int) else tuple(default)
 
     def report(self, done: int, total: int, label: str) -> None:
         """Forward progress to the callback, if any."""

@@ -303,7 +303,7 @@ def run(options: RunOptions) -> ExperimentResult:
     """Train each architecture, probe its Adam steps and compare ρ* with ρ_a (quick: 90 steps, one seed)."""
     started = time.perf_counter()
     base = QUICK if options.quick else FULL
-    seeds = tuple(range(options.seeds)) if options.seeds else base.seeds
+    seeds = options.seed_tuple(base.seeds)
     config = replace(base, seeds=seeds)
     total = config.steps * len(config.architectures) * len(seeds)
     runs: dict[str, list[ArchitectureRun]] = {arch: [] for arch in config.architectures}

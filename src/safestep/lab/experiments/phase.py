@@ -151,7 +151,7 @@ def run(options: RunOptions) -> ExperimentResult:
     """Train each architecture per seed, sweep one descent step over r and compare the collapse onsets."""
     started = time.perf_counter()
     config = QUICK if options.quick else FULL
-    seeds = list(range(options.seeds or config.seeds))
+    seeds = list(options.seed_tuple(config.seeds))
     r = config.r_grid()
     per_arch: dict[str, dict] = {}
     total, done = len(config.architectures) * len(seeds), 0

@@ -132,7 +132,7 @@ def run(options: RunOptions) -> ExperimentResult:
     """Train one model per (T, seed), find the loss-doubling onsets and compare their spread in τ and in r_T."""
     started = time.perf_counter()
     config = QUICK if options.quick else FULL
-    seeds = list(range(options.seeds or config.seeds))
+    seeds = list(options.seed_tuple(config.seeds))
     runs, total = [], len(config.temperatures) * len(seeds)
     for seed in seeds:
         for temperature in config.temperatures:
