@@ -1,4 +1,4 @@
-"""Belief-space steps vs MATH_BELIEF.md reference tables, closed forms, finite-difference Jacobians and brute force."""
+"""Belief-space steps vs the paper's values (Li & Li, arXiv 2605.06741), closed forms, FD Jacobians and brute force."""
 from __future__ import annotations
 
 import math
@@ -67,7 +67,7 @@ def tangent_jacobian(step, y: torch.Tensor, eta: float, h: float = 1e-6) -> np.n
 
 
 # ---------------------------------------------------------------- §4 closed-form CE bound and entropy backoff
-# p, η^CE_max (exact), B, α (exact), η_CE (exact α) as printed in MATH_BELIEF.md §4
+# p, η^CE_max (exact), B, α (exact), η_CE (exact α): reference values of the paper's §5 (Li & Li 2026)
 TABLE_4 = [
     ((0.7, 0.2, 0.1), 2 * 0.1**2 / 0.7, "0.7298467", "1.3087657", "0.0123752"),
     ((0.98, 0.01, 0.01), 2 * 0.01**2 / 0.98, "0.1018576", "0.1074267", "1.842846e-4"),
@@ -176,8 +176,11 @@ def test_tangent_threshold_is_where_projected_step_loses_stability(k, seed):
 
 
 def test_rules_vanish_on_the_boundary():
-    for rule in RULES:
+    for rule in ("paper", "sharp", "tangent"):  # Fisher rules: any zero entry (curvature 1/p = ∞) gives 0
         assert max_step(t([0.0, 0.3, 0.7]), rule).item() == 0.0
+    # "support" only sees the target's support: a zero off it is harmless, a zero on it gives 0
+    assert max_step(t([0.0, 0.3, 0.7]), "support", target=t([0.0, 0.0, 1.0])).item() > 0.0
+    assert max_step(t([0.0, 0.3, 0.7]), "support", target=t([0.5, 0.0, 0.5])).item() == 0.0
 
 
 # ---------------------------------------------------------------- §6 MSE comparison
@@ -395,7 +398,7 @@ def test_invalid_beliefs_raise(bad, message):
 
 def test_other_validation_errors():
     p = t([0.7, 0.2, 0.1])
-    with pytest.raises(ValueError, match="'paper', 'sharp', 'tangent'"):
+    with pytest.raises(ValueError, match="'paper', 'sharp', 'tangent', 'support'"):
         max_step(p, "fast")
     with pytest.raises(ValueError, match="exactly one"):
         mse_step(p, B=0.5)

@@ -4,22 +4,32 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+_INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
-def as_float64(x: Tensor | float | list, name: str) -> Tensor:
-    """Return ``x`` as a float64 tensor, raising ValueError if it is not numeric or not finite."""
-    t = torch.as_tensor(x)
-    if t.is_complex() or not (t.is_floating_point() or t.dtype in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)):
+
+def as_float64(x: Tensor | float | list, name: str, *, finite: bool = True) -> Tensor:
+    """``x`` as a float64 tensor; ValueError if it is not real numeric, is empty or (if ``finite``) is not finite.
+
+    Python floats and lists are read straight into float64, never through torch's float32 default dtype.
+    """
+    try:
+        t = x if isinstance(x, Tensor) else torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError) as error:
+        raise ValueError(f"{name} must be a real numeric tensor, got {type(x).__name__}") from error
+    if t.is_complex() or not (t.is_floating_point() or t.dtype in _INTEGER_DTYPES):
         raise ValueError(f"{name} must be a real numeric tensor, got dtype {t.dtype}")
-    t = t.detach().to(torch.float64)
-    if not torch.isfinite(t).all():
+    if t.numel() == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(t.shape)}); the geometry layer needs at least one value")
+    t = t.detach().to(torch.float64) if isinstance(x, Tensor) else torch.as_tensor(x, dtype=torch.float64)
+    if finite and not torch.isfinite(t).all():
         bad = "NaN" if torch.isnan(t).any() else "inf"
         raise ValueError(f"{name} contains {bad} values; the geometry layer needs finite input")
     return t
 
 
-def class_vectors(x: Tensor | list, name: str, min_classes: int = 2) -> Tensor:
-    """Validate a (..., K) tensor of per-class values with K >= ``min_classes``; returns float64."""
-    t = as_float64(x, name)
+def class_vectors(x: Tensor | list, name: str, min_classes: int = 2, *, finite: bool = True) -> Tensor:
+    """Validate a non-empty (..., K) tensor of per-class values with K >= ``min_classes``; returns float64."""
+    t = as_float64(x, name, finite=finite)
     if t.ndim == 0:
         raise ValueError(f"{name} must have a trailing class dimension of size K >= {min_classes}, got a scalar")
     if t.shape[-1] < min_classes:
@@ -30,7 +40,63 @@ def class_vectors(x: Tensor | list, name: str, min_classes: int = 2) -> Tensor:
 def same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     """Raise ValueError unless ``a`` and ``b`` have identical shapes."""
     if a.shape != b.shape:
-        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}; they must match")
+        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}; "
+                         "they must match")
+
+
+def finite_spread(spread: Tensor, name: str = "slopes") -> Tensor:
+    """Return the per-row spreads Δ, raising ValueError where one overflowed float64 (max − min = ±inf)."""
+    if not torch.isfinite(spread).all():
+        raise ValueError(f"the spread max − min of {name} overflows float64 ({name} too large to subtract)")
+    return spread
+
+
+def live_mask(live: Tensor, shape: torch.Size, name: str = "live") -> Tensor:
+    """Validate a bool mask broadcastable to ``shape`` (True = live class, one or more per row); return it expanded."""
+    if not isinstance(live, Tensor) or live.dtype != torch.bool:
+        raise ValueError(f"{name} must be a bool tensor (True = live class), got {type(live).__name__}"
+                         + (f" of dtype {live.dtype}" if isinstance(live, Tensor) else ""))
+    try:
+        mask = live.expand(shape)
+    except RuntimeError as error:
+        raise ValueError(f"{name} of shape {tuple(live.shape)} does not broadcast to {tuple(shape)}") from error
+    if not mask.any(dim=-1).all():
+        raise ValueError(f"a row of {name} has no live class; every row needs at least one")
+    return mask
+
+
+def live_values(values: Tensor, live: Tensor, name: str) -> Tensor:
+    """``values`` with masked entries (live False) replaced by their row's smallest live value.
+
+    A masked class carries no weight, so its slope is meaningless; the replacement leaves every row's live max and
+    min unchanged, so later code can reduce over whole rows. Raises ValueError on NaN or ±inf at a live class.
+    """
+    if not torch.isfinite(values[live]).all():
+        raise ValueError(f"{name} contains NaN or inf values at live classes (masked classes may hold anything)")
+    inf = torch.tensor(float("inf"), dtype=values.dtype)
+    row_min = torch.where(live, values, inf).amin(dim=-1, keepdim=True)
+    return torch.where(live, values, row_min)
+
+
+def softmax_line(logits: Tensor, slopes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Validate logits z and slopes a of F(t) = Σ_k softmax(z)_k e^{a_k t}; returns float64 (z, a, live).
+
+    A logit of −inf masks its class (softmax weight 0): live = z > −inf, and masked slopes are replaced as in
+    ``live_values``. Raises ValueError on mismatched shapes, empty input, K < 2, NaN or +inf logits, a row with no
+    live class, NaN/inf slopes at live classes, or a live-slope spread that overflows float64.
+    """
+    z = class_vectors(logits, "logits", finite=False)
+    a = class_vectors(slopes, "slopes", finite=False)
+    same_shape(z, a, "logits", "slopes")
+    if torch.isnan(z).any() or (z == float("inf")).any():
+        bad = "NaN" if torch.isnan(z).any() else "+inf"
+        raise ValueError(f"logits contains {bad} values; only −inf (a masked class) is allowed")
+    live = z > float("-inf")
+    if not live.any(dim=-1).all():
+        raise ValueError("a row of logits is entirely −inf: it has no live class")
+    a = live_values(a, live, "slopes")
+    finite_spread(a.amax(dim=-1) - a.amin(dim=-1))
+    return z, a, live
 
 
 def check_belief(x: Tensor | list, name: str = "p", atol: float = 1e-6) -> Tensor:

@@ -1,4 +1,4 @@
-"""Hessian curvature comparators for the "Hessian says 2/κ" diagnostic (MATH_RADIUS.md §A6).
+"""Hessian curvature comparators for the "Hessian says 2/κ" diagnostic (docs/geometry.md, "Curvature comparators").
 
 The loss is given functionally: ``loss_fn(params) -> scalar tensor``, where ``params`` is a list of tensors or a
 dict name → tensor and ``loss_fn`` must compute the loss *from its argument* (not from tensors it closes over).

@@ -1,9 +1,11 @@
-"""Convergence radius of the softmax cross-entropy along a step (Ghosts of Softmax, MATH_RADIUS.md §A2–A3).
+"""Convergence radius of the softmax cross-entropy along a step (Ghosts of Softmax; docs/geometry.md).
 
 F(t) = Σ_k w_k e^{a_k t} with w = softmax(logits), a = slopes; the line loss is analytic for |t| < ρ*,
 the modulus of F's nearest complex zero. All functions take (..., K) tensors and work in float64.
+A logit of −inf masks its class (action masks, padded vocabularies): its weight is 0, it drops out of F, and its
+slope is ignored whatever its value (NaN and ±inf included); every radius is taken over the live classes.
 
-The exact radius (§A3) is found in normalized coordinates b = (a − mid-range)/Δ_a ∈ [−½, ½], where the
+The exact radius is found in normalized coordinates b = (a − mid-range)/Δ_a ∈ [−½, ½], where the
 zero-free strip is |Im t| < π: Newton on F from the two-term ghosts of the upper Newton-polygon edges of
 the points (b_k, log w_k) proposes a zero, and the argument principle certifies that no zero lies strictly
 inside (1 − rtol)·|zero|. Rows that fail are bracketed by bisection on winding numbers and re-located.
@@ -17,20 +19,47 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._checks import as_float64, class_vectors, same_shape
+from ._checks import as_float64, class_vectors, finite_spread, live_mask, live_values, softmax_line
 
-__all__ = ["spread", "radius_lower_bound", "binary_radius", "exact_radius", "nearest_ghost", "min_exact_radius"]
-
-
-def spread(slopes: Tensor) -> Tensor:
-    """Δ_a = max_k a_k − min_k a_k over the last dimension."""
-    a = class_vectors(slopes, "slopes")
-    return a.amax(dim=-1) - a.amin(dim=-1)
+__all__ = ["spread", "row_spread", "radius_lower_bound", "binary_radius", "exact_radius", "nearest_ghost",
+           "min_exact_radius"]
 
 
-def radius_lower_bound(slopes: Tensor) -> Tensor:
-    """ρ_a = π/Δ_a, a lower bound on ρ* for any K (inf where Δ_a = 0)."""
-    d = spread(slopes)
+def row_spread(slopes: Tensor, live: Tensor | None = None) -> Tensor:
+    """Δ_a = max_k a_k − min_k a_k per row over the live classes, as float64 of shape (...): the unvalidated hot path.
+
+    The reductions run in the slopes' own floating dtype and device: no float64 copy of the input, no finiteness
+    scan, no host synchronisation. Only the reduced (...) maxima and minima are cast to float64 before subtracting,
+    so low-precision slopes lose nothing to the subtraction. With ``live=None`` exactly two reductions run; a bool
+    ``live`` (broadcastable to ``slopes``, True = live) adds two masked copies in the input's dtype. Invalid rows
+    show in the result instead of raising: NaN at a live class gives NaN, ±inf at a live class gives inf or NaN,
+    and a row with no live class gives −inf. Any non-finite entry is the caller's signal to reject that row.
+    """
+    if live is None:
+        top, bottom = slopes.amax(dim=-1), slopes.amin(dim=-1)
+    else:
+        top = torch.where(live, slopes, -math.inf).amax(dim=-1)
+        bottom = torch.where(live, slopes, math.inf).amin(dim=-1)
+    return top.to(torch.float64) - bottom.to(torch.float64)
+
+
+def spread(slopes: Tensor, *, live: Tensor | None = None) -> Tensor:
+    """Δ_a = max_k a_k − min_k a_k over the last dimension, over the classes where ``live`` is True (all if None).
+
+    Validated: raises ValueError on empty input, K < 2, NaN/inf slopes at live classes, a row without a live class,
+    a ``live`` that is not a bool mask broadcastable to ``slopes``, or a spread that overflows float64.
+    """
+    if live is None:
+        a = class_vectors(slopes, "slopes")
+    else:
+        a = class_vectors(slopes, "slopes", finite=False)
+        a = live_values(a, live_mask(live, a.shape), "slopes")
+    return finite_spread(row_spread(a))
+
+
+def radius_lower_bound(slopes: Tensor, *, live: Tensor | None = None) -> Tensor:
+    """ρ_a = π/Δ_a, a lower bound on ρ* for any K (inf where Δ_a = 0); ``live`` as in ``spread``."""
+    d = spread(slopes, live=live)
     return torch.where(d > 0, math.pi / d, torch.full_like(d, math.inf))
 
 
@@ -48,7 +77,10 @@ def exact_radius(logits: Tensor, slopes: Tensor, rtol: float = 1e-8) -> Tensor:
     The returned r satisfies (1 − rtol)·r ≤ ρ* ≤ r: the argument principle shows no zero of F in
     |t| < (1 − rtol)·r, and a zero of F has modulus r (a Newton-refined zero, whose presence is confirmed by
     a zero count on |t| = (1 + rtol)·r, or the top of a bisection bracket of relative width ≤ rtol).
-    Inputs (..., K), any real dtype; returns float64 of shape (...) on the input's device.
+    Inputs (..., K), any real dtype; returns float64 of shape (...) on the input's device. Classes with −inf
+    logits are masked out (their slopes ignored); a row with a single live class has ρ* = inf. Raises ValueError
+    on NaN or +inf logits, rows without a live class, NaN/inf slopes at live classes, overflowing spreads, empty
+    input, K < 2 or mismatched shapes.
     """
     radius, _ = _exact(logits, slopes, rtol)
     return radius
@@ -58,9 +90,10 @@ def nearest_ghost(logits: Tensor, slopes: Tensor) -> Tensor:
     """The zero t of F(t) = Σ_k softmax(z)_k e^{a_k t} with |t| = ρ* and Im t > 0, as complex128 of shape (...).
 
     F has real coefficients, so its zeros come in conjugate pairs (and none is real); the member with
-    Im t > 0 is returned. Where there is no zero (Δ_a = 0) the entry is NaN + NaN·j (not inf: there is no
-    location to report). NaN also marks the rare row whose radius was certified by bisection alone without
-    Newton pinning the zero. Ties in modulus (e.g. t and −t̄ for mirror-symmetric rows) return one of them.
+    Im t > 0 is returned. Where there is no zero (Δ_a = 0 over the live classes, e.g. a single live class) the
+    entry is NaN + NaN·j (not inf: there is no location to report). NaN also marks the rare row whose radius was
+    certified by bisection alone without Newton pinning the zero. Ties in modulus (e.g. t and −t̄ for
+    mirror-symmetric rows) return one of them. Masked classes and invalid input as in ``exact_radius``.
     """
     _, ghost = _exact(logits, slopes, _DEFAULT_RTOL)
     return ghost
@@ -73,6 +106,7 @@ def min_exact_radius(logits: Tensor, slopes: Tensor, rtol: float = 1e-8) -> tupl
     (hull-edge) ghost of the first rows. Rows with π/Δ_a ≥ U cannot beat U; the others are screened by
     counting their zeros in |t| < U (argument principle). If none has one, U grows and the screen repeats;
     otherwise only the rows with a zero below U are solved exactly. Returns (inf, 0) when every Δ_a = 0.
+    Masked classes (−inf logits) and invalid input are handled as in ``exact_radius``.
     """
     problem = _prepare(logits, slopes, rtol)
     lower = math.pi / problem.spread
@@ -142,10 +176,9 @@ def _check_rtol(rtol: float) -> float:
 
 
 def _prepare(logits: Tensor, slopes: Tensor, rtol: float) -> _Problem:
+    """Validated rows in normalized form; masked classes get log w = −inf and b = −½ (they add nothing to F)."""
     _check_rtol(rtol)
-    z = class_vectors(logits, "logits")
-    a = class_vectors(slopes, "slopes")
-    same_shape(z, a, "logits", "slopes")
+    z, a, _ = softmax_line(logits, slopes)
     device, lead, k = z.device, z.shape[:-1], z.shape[-1]
     z, a = z.reshape(-1, k).cpu(), a.reshape(-1, k).cpu()
     top, bottom = a.amax(-1, keepdim=True), a.amin(-1, keepdim=True)

@@ -1,17 +1,22 @@
-"""Admissible steps in belief space (Li & Li, arXiv 2605.06741; MATH_BELIEF.md).
+"""Admissible steps in belief space (Li & Li, arXiv 2605.06741; docs/geometry.md, docs/belief_support.md).
 
 A belief p lies on the simplex Δ = {p_i >= 0, Σ p_i = 1}; its tangent space is T = {v : Σ v_i = 0}.
-The CE energy E(p) = −Σ y_k log p_k has the curvature proxy diag(1/p) (exact at the fixed point p = y, and the
-categorical Fisher information), hence the local constants μ = 1/max p (strong convexity) and L = 1/min p
-(smoothness). Step-size rules (``RULES``):
+The CE energy E(p) = −Σ y_k log p_k has the Hessian diag(y/p²). Its Fisher proxy diag(1/p) (exact at the fixed
+point p = y; the expected Hessian over labels y ~ p) gives the local constants μ = 1/max p (strong convexity) and
+L = 1/min p (smoothness). Step-size rules (``RULES``):
 
 * ``"paper"``   the paper's certificate 2μ/L² = 2·min p²/max p (sufficient, loose);
 * ``"sharp"``   the gradient-step threshold 2/L = 2·min p of a convex L-smooth energy;
-* ``"tangent"`` the exact local threshold 2/θ_max of the projected step at p = y, θ_max = λ_max of diag(1/p) on T.
+* ``"tangent"`` the exact local threshold 2/θ_max of the projected step at p = y, θ_max = λ_max of diag(1/p) on T;
+* ``"support"`` the exact threshold 2/θ_max for the energy of a given target y, θ_max = λ_max of the true Hessian
+  diag(y/p²) on T. Curvature lives on the support of y only: for a one-hot label c it is 2·p_c²·K/(K − 1),
+  free of the vocabulary size. Below it the projected step is Euclidean-nonexpansive (docs/belief_support.md).
 
-The entropy backoff 1/(1 + α(B)), α(B) = −log(1 − B), shrinks every rule for diffuse beliefs. All functions take
-(..., K) tensors, work in float64 and return one value per belief with shape (...). Beliefs on the closed simplex
-(zeros allowed) are accepted; negative entries, |Σ p − 1| > 1e-6, non-finite values or K < 2 raise ValueError.
+The first three use the Fisher proxy and need no target; "support" takes a target (default: the fixed point y = p,
+where it equals "tangent"; ``belief_step_cap`` builds it from the labels). The entropy backoff 1/(1 + α(B)),
+α(B) = −log(1 − B), shrinks every rule for diffuse beliefs. All functions take (..., K) tensors, work in float64
+and return one value per belief with shape (...). Beliefs on the closed simplex (zeros allowed) are accepted;
+negative entries, |Σ p − 1| > 1e-6, non-finite values, empty input or K < 2 raise ValueError.
 """
 from __future__ import annotations
 
@@ -20,7 +25,7 @@ import math
 import torch
 from torch import Tensor
 
-from ._checks import as_float64, check_belief, check_labels, check_nonnegative, class_vectors, same_shape
+from ._checks import as_float64, check_belief, check_labels, check_nonnegative, class_vectors, same_shape, softmax_line
 
 __all__ = [
     "RULES",
@@ -38,20 +43,25 @@ __all__ = [
     "belief_step_cap",
 ]
 
-RULES = ("paper", "sharp", "tangent")
-GRADIENT_FLOOR = 1e-12  # p is floored at this value inside the CE gradient −y/p (MATH_BELIEF.md §7)
+RULES = ("paper", "sharp", "tangent", "support")
+GRADIENT_FLOOR = 1e-12  # p is floored at this value inside the CE gradient −y/p (docs/geometry.md)
 _BISECTION_STEPS = 64  # halvings of a log-width <= 1500: leaves a relative error below 1e-16
 
 
-def _entropy_deficit(p: Tensor) -> Tensor:
-    """1 − B(p) = Σ p_i log(K p_i)/log K = KL(p‖uniform)/log K, accurate where B → 1 (no cancellation)."""
-    k = p.shape[-1]
-    return (torch.special.xlogy(p, k * p).sum(dim=-1) / math.log(k)).clamp(0.0, 1.0)
+def _entropy_deficit(p: Tensor, k: Tensor | int) -> Tensor:
+    """1 − B(p) = Σ p_i log(k p_i)/log k = KL(p‖uniform)/log k over k live classes (1 where k = 1: a vertex).
+
+    Accurate where B → 1 (no cancellation). Masked classes hold p_i = 0 and add nothing.
+    """
+    k = torch.as_tensor(k, dtype=p.dtype)
+    log_k = torch.where(k > 1, k, 2.0).log()
+    deficit = torch.special.xlogy(p, k.unsqueeze(-1) * p).sum(dim=-1) / log_k
+    return torch.where(k > 1, deficit, 1.0).clamp(0.0, 1.0)
 
 
 def _alpha_from_deficit(deficit: Tensor, eps: float) -> Tensor:
-    """α = −log(deficit + ε), where deficit = 1 − B."""
-    return -torch.log(deficit + eps)
+    """α = max(0, −log(deficit + ε)), where deficit = 1 − B (α >= 0, so the backoff never exceeds 1)."""
+    return (-torch.log(deficit + eps)).clamp(min=0.0)
 
 
 def _softmax(z: Tensor) -> Tensor:
@@ -70,13 +80,20 @@ def _check_eps(eps: float) -> float:
     return float(eps)
 
 
+def _check_rule(rule: str) -> str:
+    if rule not in RULES:
+        raise ValueError(f"unknown rule {rule!r}; valid rules are {', '.join(repr(r) for r in RULES)}")
+    return rule
+
+
 def normalized_entropy(p: Tensor) -> Tensor:
     """B(p) = H(p)/log K with H(p) = −Σ p_i log p_i and 0·log 0 = 0; B ∈ [0, 1]."""
-    return 1.0 - _entropy_deficit(check_belief(p, "p"))
+    q = check_belief(p, "p")
+    return 1.0 - _entropy_deficit(q, q.shape[-1])
 
 
 def barrier(B: Tensor | float, eps: float = 1e-10) -> Tensor:
-    """α(B) = −log(1 − B + ε); ε = 0 gives the exact barrier (inf at B = 1)."""
+    """α(B) = max(0, −log(1 − B + ε)); ε = 0 gives the exact barrier (inf at B = 1)."""
     b = as_float64(B, "B")
     if ((b < 0) | (b > 1)).any():
         lo, hi = b.min().item(), b.max().item()
@@ -85,56 +102,87 @@ def barrier(B: Tensor | float, eps: float = 1e-10) -> Tensor:
 
 
 def backoff(p: Tensor, eps: float = 1e-10) -> Tensor:
-    """1/(1 + α(B(p))): 1 for a one-hot belief, → 0 as p → uniform (exactly 0 there when ε = 0).
+    """1/(1 + α(B(p))) ∈ (0, 1]: 1 for a one-hot belief, → 0 as p → uniform (exactly 0 there when ε = 0).
 
     1 − B is computed as KL(p‖uniform)/log K, so the barrier is accurate for nearly uniform beliefs.
     """
     q = check_belief(p, "p")
-    return 1.0 / (1.0 + _alpha_from_deficit(_entropy_deficit(q), _check_eps(eps)))
+    return 1.0 / (1.0 + _alpha_from_deficit(_entropy_deficit(q, q.shape[-1]), _check_eps(eps)))
 
 
-def _tangent_threshold(p: Tensor) -> Tensor:
-    """2/θ_max with θ_max = λ_max(diag(1/p)) on T, via the secular equation Σ_i p_i/(σ − p_i) = 0, σ = 1/θ.
+def _secular_threshold(e: Tensor, live: Tensor) -> Tensor:
+    """2/θ_max, θ_max = λ_max of diag(1/e) compressed to the tangent space of the live face; e ∈ [0, ∞], per row.
 
-    The eigenvalues of diag(d) compressed to 1^⊥ solve Σ_i 1/(d_i − θ) = 0; with d = 1/p and σ = 1/θ the largest
-    one has σ ∈ [p_(1), p_(2)] (the two smallest entries; interlacing), where the secular function is decreasing.
-    Bisection runs on log σ. Ties p_(1) = p_(2) give σ = p_(1); p_(1) = 0 gives θ_max = ∞ and threshold 0.
+    The compression's eigenvalues θ solve Σ_live 1/(1/e_i − θ) = 0, i.e. in σ = 1/θ the secular equation
+    f(σ) = Σ_{e_i < ∞} e_i/(σ − e_i) − #{e_i = ∞} = 0 (classes with e_i = ∞ carry no curvature). The largest θ has
+    σ ∈ [e_(1), min(e_(2), e_(1)·k/(k − 1))] (interlacing with the two smallest e, and the Rayleigh quotient of
+    P_T e_(1)), where f decreases; bisection runs on log σ. e_(1) = 0 gives threshold 0. Rows need k >= 2 live.
     """
-    two_smallest = torch.topk(p, 2, dim=-1, largest=False).values
-    lo, hi = two_smallest[..., 0], two_smallest[..., 1]
+    k = live.sum(dim=-1).to(e.dtype)
+    e = torch.where(live, e, math.inf)
+    two_smallest = torch.topk(e, 2, dim=-1, largest=False).values
+    lo = two_smallest[..., 0]
+    hi = torch.minimum(two_smallest[..., 1], lo * k / (k - 1))
     positive = lo > 0
-    log_lo = torch.where(positive, lo, torch.ones_like(lo)).log()
-    log_hi = torch.where(positive, hi, torch.ones_like(hi)).log()
+    log_lo = torch.where(positive, lo, 1.0).log()
+    log_hi = torch.where(positive, hi, 1.0).log()
+    finite = torch.isfinite(e)
+    curvature_free = (live & ~finite).sum(dim=-1).to(e.dtype)
     for _ in range(_BISECTION_STEPS):
         log_mid = 0.5 * (log_lo + log_hi)
         sigma = log_mid.exp().unsqueeze(-1)
-        secular = (p / (sigma - p)).sum(dim=-1)
-        root_is_right = secular > 0  # the secular function decreases in σ: positive means σ is left of the root
+        secular = torch.where(finite, e / (sigma - e), 0.0).sum(dim=-1) - curvature_free
+        root_is_right = secular > 0  # f decreases in σ: positive means σ is left of the root
         log_lo = torch.where(root_is_right, log_mid, log_lo)
         log_hi = torch.where(root_is_right, log_hi, log_mid)
     sigma = (0.5 * (log_lo + log_hi)).exp()
-    return torch.where(positive, 2.0 * sigma, torch.zeros_like(sigma))
+    return torch.where(positive, 2.0 * sigma, 0.0)
 
 
-def _max_step(p: Tensor, rule: str) -> Tensor:
-    if rule == "paper":
-        return 2.0 * p.amin(dim=-1) ** 2 / p.amax(dim=-1)
-    if rule == "sharp":
-        return 2.0 * p.amin(dim=-1)
+def _one_hot_support(label_prob: Tensor, k: Tensor | int) -> Tensor:
+    """2·p_c²·k/(k − 1): the "support" threshold of a one-hot label c on k live classes (θ_max = (1 − 1/k)/p_c²)."""
+    return 2.0 * label_prob**2 * k / (k - 1)
+
+
+def _max_step(p: Tensor, rule: str, live: Tensor, target: Tensor | None = None) -> Tensor:
+    """η_max(p) of ``rule`` on the live face; "support" uses ``target`` (None: the fixed point y = p)."""
+    if rule == "support":
+        y = p if target is None else target
+        return _secular_threshold(torch.where(y > 0, p**2 / y, math.inf), live)
     if rule == "tangent":
-        return _tangent_threshold(p)
-    raise ValueError(f"unknown rule {rule!r}; valid rules are {', '.join(repr(r) for r in RULES)}")
+        return _secular_threshold(p, live)
+    least = torch.where(live, p, math.inf).amin(dim=-1)
+    if rule == "sharp":
+        return 2.0 * least
+    return 2.0 * least**2 / p.amax(dim=-1)
 
 
-def max_step(p: Tensor, rule: str = "paper") -> Tensor:
-    """η_max(p): "paper" 2μ/L² = 2·min p²/max p, "sharp" 2/L = 2·min p, "tangent" 2/θ_max (exact at p = y)."""
-    return _max_step(check_belief(p, "p"), rule)
-
-
-def ads_step(p: Tensor, rule: str = "paper", eps: float = 1e-10) -> Tensor:
-    """η_ADS(p) = η_max(p)/(1 + α(B(p))) (paper eq. 19–21 for rule="paper")."""
+def _rule_inputs(p: Tensor, rule: str, target: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Validated (belief, all-live mask, target) for ``max_step`` and ``ads_step``."""
     q = check_belief(p, "p")
-    return _max_step(q, rule) / (1.0 + _alpha_from_deficit(_entropy_deficit(q), _check_eps(eps)))
+    if _check_rule(rule) != "support" and target is not None:
+        raise ValueError(f"target is used by rule 'support' only; rule {rule!r} uses the Fisher proxy diag(1/p)")
+    y = None if target is None else check_belief(target, "target")
+    if y is not None:
+        same_shape(q, y, "p", "target")
+    return q, torch.ones_like(q, dtype=torch.bool), y
+
+
+def max_step(p: Tensor, rule: str = "paper", *, target: Tensor | None = None) -> Tensor:
+    """η_max(p): "paper" 2·min p²/max p, "sharp" 2·min p, "tangent" 2/θ_max(diag(1/p)), "support" 2/θ_max(diag(y/p²)).
+
+    θ_max is the largest eigenvalue on the tangent space T. ``target`` y (same shape as p) is used by "support" only;
+    without it "support" sits at the fixed point y = p, where it equals "tangent" (except that classes with p_k = 0
+    carry no curvature). A one-hot target e_c gives 2·p_c²·K/(K − 1).
+    """
+    q, live, y = _rule_inputs(p, rule, target)
+    return _max_step(q, rule, live, y)
+
+
+def ads_step(p: Tensor, rule: str = "paper", eps: float = 1e-10, *, target: Tensor | None = None) -> Tensor:
+    """η_ADS(p) = η_max(p)/(1 + α(B(p))) (paper eq. 19–21 for rule="paper"); ``target`` as in ``max_step``."""
+    q, live, y = _rule_inputs(p, rule, target)
+    return _max_step(q, rule, live, y) / (1.0 + _alpha_from_deficit(_entropy_deficit(q, q.shape[-1]), _check_eps(eps)))
 
 
 def mse_step(p: Tensor | None = None, *, B: Tensor | float | None = None, eps: float = 1e-10) -> Tensor:
@@ -194,16 +242,21 @@ def contraction_factor(p1: Tensor, p2: Tensor, eta: Tensor | float) -> Tensor:
     min_i p_i concave, so these are the proxy constants valid on the whole segment [p1, p2], and they reduce to the
     paper's constants at p when p1 = p2 = p (where q < 1 iff η < max_step(p)). C = 1/min p2 is the χ² constant of
     KL(p1‖p2) <= C‖p1 − p2‖². The KL contraction KL(F p1‖F p2) <= q·KL(p1‖p2) is a local statement near the fixed
-    point (MATH_BELIEF.md §3); the rigorous global statement is Euclidean with factor √(1 − 2ημ + η²L²).
+    point (docs/geometry.md); the rigorous global statement is Euclidean with factor √(1 − 2ημ + η²L²).
+    Evaluated as 1 − 2ημ·m₂ + η²·m₂/m² (m = min(p1 ∪ p2), m₂ = min p2): a zero entry (L = ∞) gives +inf for η > 0
+    (no contraction certified) and 1 for η = 0, never NaN.
     """
     a = check_belief(p1, "p1")
     b = check_belief(p2, "p2")
     same_shape(a, b, "p1", "p2")
     lr = check_nonnegative(eta, "eta")
     mu = 1.0 / torch.maximum(a.amax(dim=-1), b.amax(dim=-1))
-    lipschitz = 1.0 / torch.minimum(a.amin(dim=-1), b.amin(dim=-1))
-    chi2 = 1.0 / b.amin(dim=-1)
-    return 1.0 - lr * (2.0 * mu - lr * lipschitz**2) / chi2
+    least = torch.minimum(a.amin(dim=-1), b.amin(dim=-1))
+    least_p2 = b.amin(dim=-1)
+    tiny = torch.finfo(a.dtype).tiny
+    lipschitz_sq_over_chi2 = torch.where(least > 0, least_p2 / least.clamp(min=tiny) ** 2, math.inf)
+    quadratic = torch.where(lr > 0, lr**2 * lipschitz_sq_over_chi2, 0.0)
+    return 1.0 - 2.0 * lr * mu * least_p2 + quadratic
 
 
 def anchor(labels: Tensor | list, num_classes: int) -> Tensor:
@@ -214,6 +267,36 @@ def anchor(labels: Tensor | list, num_classes: int) -> Tensor:
     return torch.bincount(y, minlength=num_classes).to(torch.float64) / y.numel()
 
 
+def _row_labels(labels: Tensor | list, live: Tensor) -> Tensor:
+    """Validated labels, one per row of ``live`` (..., K), each naming a live (not −inf) class; int64 of shape (...)."""
+    y = check_labels(labels, live.shape[-1])
+    if y.shape != live.shape[:-1]:
+        want = tuple(live.shape[:-1])
+        raise ValueError(f"labels has shape {tuple(y.shape)} but logits needs {want} (one label per row)")
+    if not live.gather(-1, y.unsqueeze(-1)).all():
+        raise ValueError("a label names a masked class (−inf logit): its cross-entropy is infinite")
+    return y
+
+
+def _label_target(label: Tensor, live: Tensor, smoothing: float) -> Tensor:
+    """y = (1 − s)·e_label + s·1_live/k_live: the label-smoothed target spread over the live classes only."""
+    k = live.sum(dim=-1, keepdim=True).to(torch.float64)
+    one_hot = torch.zeros(live.shape, dtype=torch.float64, device=live.device).scatter_(-1, label.unsqueeze(-1), 1.0)
+    return (1.0 - smoothing) * one_hot + smoothing * live / k
+
+
+def _tangent_norm(v: Tensor, live: Tensor) -> Tensor:
+    """‖P_T v‖ on the live face: the norm of v − mean_live(v) over the live classes."""
+    centred = v - (v * live).sum(dim=-1, keepdim=True) / live.sum(dim=-1, keepdim=True)
+    return torch.linalg.vector_norm(torch.where(live, centred, 0.0), dim=-1)
+
+
+def _check_smoothing(smoothing: float) -> float:
+    if isinstance(smoothing, bool) or not isinstance(smoothing, (int, float)) or not 0.0 <= smoothing < 1.0:
+        raise ValueError(f"smoothing must be a float in [0, 1), got {smoothing!r}")
+    return float(smoothing)
+
+
 def belief_step_cap(
     logits: Tensor,
     logit_slopes: Tensor,
@@ -221,36 +304,44 @@ def belief_step_cap(
     rule: str = "paper",
     backoff: bool = True,
     eps: float = 1e-10,
+    *,
+    smoothing: float = 0.0,
 ) -> Tensor:
     """τ_max,n = η_adm(p_n)·‖P_T g_n‖/‖J_s(p_n) a_n‖, the largest step τ with η_eff,n(τ) <= η_adm(p_n).
 
-    First-order pull-back of MATH_BELIEF.md §8: a step τ moves logits by τ·a_n (a = ``logit_slopes``, dz/dτ) and the
+    First-order pull-back (docs/geometry.md): a step τ moves logits by τ·a_n (a = ``logit_slopes``, dz/dτ) and the
     belief by Δp_n ≈ τ·J_s a_n with J_s = diag(p) − ppᵀ; the effective belief-space step is
     η_eff,n = ‖Δp_n‖/‖P_T g_n‖ with g_n = −y_n/p_n the CE gradient, and η_adm = ``max_step(p, rule)``, times
-    ``1/(1 + α(B))`` when ``backoff`` is true. For a one-hot label c, ‖P_T g‖ = √((K−1)/K)/p_c.
+    ``1/(1 + α(B))`` when ``backoff`` is true. The target y_n is the one-hot label, label-smoothed with ``smoothing``
+    s: y = (1 − s)·e_label + s/k over the k live classes (PyTorch's ``label_smoothing``). For a one-hot label c,
+    ‖P_T g‖ = √((k−1)/k)/p_c, and rule "support" gives τ_max = 2·p_c·√(k/(k−1))/‖J_s a‖.
 
-    Without labels we take the predicted class argmax p_n as the label. This is the worst case over all one-hot
-    labels (the smallest ‖P_T g‖, hence the smallest cap), so the cap stays valid whatever the true label is.
+    Masked classes (−inf logits) are dropped: p, the rules, B and T are taken on the face of the k live classes,
+    and their slopes are ignored whatever their value. A row with one live class cannot move: τ_max = inf.
+    Without labels we take the predicted class argmax p_n as the label. For the Fisher rules ("paper", "sharp",
+    "tangent") this is the worst case over one-hot labels (the smallest ‖P_T g‖, hence the smallest cap), so the
+    cap stays valid whatever the true label is. For "support" it is not: its cap 2·p_c·√(k/(k−1))/‖J_s a‖ grows
+    with p_c, so without labels it certifies the step for the predicted label only (docs/belief_support.md).
     The locally normalized proxy y = p cannot be used: its gradient −1 is normal to the simplex, P_T g = 0, and the
     cap would be 0 for every sample. Returns shape (...); inf where J_s a = 0 (the belief does not move), except
-    that η_adm = 0 (only when an entry of p underflows to 0) gives 0, the conservative choice.
+    that η_adm = 0 (only when a live entry of p underflows to 0) gives 0, the conservative choice.
     """
-    z = class_vectors(logits, "logits")
-    a = class_vectors(logit_slopes, "logit_slopes")
-    same_shape(z, a, "logits", "logit_slopes")
-    k = z.shape[-1]
+    z, a, live = softmax_line(logits, logit_slopes)
+    _check_rule(rule)
+    s = _check_smoothing(smoothing)
+    k = live.sum(dim=-1).to(torch.float64)
     p = _softmax(z)
-    if labels is None:
-        label_prob = p.amax(dim=-1)
+    label = p.argmax(dim=-1) if labels is None else _row_labels(labels, live)
+    y = _label_target(label, live, s)
+    if rule == "support" and s == 0.0:
+        eta_adm = _one_hot_support(p.gather(-1, label.unsqueeze(-1)).squeeze(-1), k)
     else:
-        y = check_labels(labels, k)
-        if y.shape != z.shape[:-1]:
-            want = tuple(z.shape[:-1])
-            raise ValueError(f"labels has shape {tuple(y.shape)} but logits needs {want} (one label per row)")
-        label_prob = p.gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    eta_adm = ads_step(p, rule, eps) if backoff else _max_step(p, rule)
-    tangent_grad_norm = math.sqrt((k - 1) / k) / label_prob
+        eta_adm = _max_step(p, rule, live, y if rule == "support" else None)
+    if backoff:
+        eta_adm = eta_adm / (1.0 + _alpha_from_deficit(_entropy_deficit(p, k), _check_eps(eps)))
+    tangent_grad_norm = _tangent_norm(torch.where(y > 0, -y / p, 0.0), live)
     centred = a - a.amax(dim=-1, keepdim=True)  # J_s ignores constant shifts; this makes J_s(c·1) exactly 0
     belief_speed = torch.linalg.vector_norm(p * (centred - (p * centred).sum(dim=-1, keepdim=True)), dim=-1)
     cap = torch.where(belief_speed > 0, eta_adm * tangent_grad_norm / belief_speed, math.inf)
-    return torch.where(eta_adm > 0, cap, 0.0)
+    cap = torch.where(eta_adm > 0, cap, 0.0)
+    return torch.where(k > 1, cap, math.inf)
