@@ -297,6 +297,11 @@ def _check_smoothing(smoothing: float) -> float:
     return float(smoothing)
 
 
+def p_label(p: Tensor, label: Tensor) -> Tensor:
+    """p_c: each row's probability of its label."""
+    return p.gather(-1, label.unsqueeze(-1)).squeeze(-1)
+
+
 def belief_step_cap(
     logits: Tensor,
     logit_slopes: Tensor,
@@ -313,15 +318,19 @@ def belief_step_cap(
     belief by Δp_n ≈ τ·J_s a_n with J_s = diag(p) − ppᵀ; the effective belief-space step is
     η_eff,n = ‖Δp_n‖/‖P_T g_n‖ with g_n = −y_n/p_n the CE gradient, and η_adm = ``max_step(p, rule)``, times
     ``1/(1 + α(B))`` when ``backoff`` is true. The target y_n is the one-hot label, label-smoothed with ``smoothing``
-    s: y = (1 − s)·e_label + s/k over the k live classes (PyTorch's ``label_smoothing``). For a one-hot label c,
-    ‖P_T g‖ = √((k−1)/k)/p_c, and rule "support" gives τ_max = 2·p_c·√(k/(k−1))/‖J_s a‖.
+    s: y = (1 − s)·e_label + s/k over the k live classes (PyTorch's ``label_smoothing``).
+
+    Rule "support" with a one-hot label c compares moves along the energy's only curved direction, the label
+    coordinate: η_eff = |Δp_c|/|(P_T g)_c| with (P_T g)_c = −(1 − 1/k)/p_c and Δp_c ≈ τ·p_c·(a_c − Σ_k p_k a_k), so
+    τ_max = η_adm·(k − 1)/(k·p_c²·|a_c − ā|) = 2/|d log p_c/dτ| (times the backoff): to first order a step may
+    change the row's loss −log p_c by at most 2 nats (docs/belief_support.md §6).
 
     Masked classes (−inf logits) are dropped: p, the rules, B and T are taken on the face of the k live classes,
     and their slopes are ignored whatever their value. A row with one live class cannot move: τ_max = inf.
     Without labels we take the predicted class argmax p_n as the label. For the Fisher rules ("paper", "sharp",
     "tangent") this is the worst case over one-hot labels (the smallest ‖P_T g‖, hence the smallest cap), so the
-    cap stays valid whatever the true label is. For "support" it is not: its cap 2·p_c·√(k/(k−1))/‖J_s a‖ grows
-    with p_c, so without labels it certifies the step for the predicted label only (docs/belief_support.md).
+    cap stays valid whatever the true label is. For "support" it is not: its cap depends on the label's own slope,
+    so without labels it certifies the step for the predicted label only (docs/belief_support.md).
     The locally normalized proxy y = p cannot be used: its gradient −1 is normal to the simplex, P_T g = 0, and the
     cap would be 0 for every sample. Returns shape (...); inf where J_s a = 0 (the belief does not move), except
     that η_adm = 0 (only when a live entry of p underflows to 0) gives 0, the conservative choice.
@@ -334,14 +343,19 @@ def belief_step_cap(
     label = p.argmax(dim=-1) if labels is None else _row_labels(labels, live)
     y = _label_target(label, live, s)
     if rule == "support" and s == 0.0:
-        eta_adm = _one_hot_support(p.gather(-1, label.unsqueeze(-1)).squeeze(-1), k)
+        eta_adm = _one_hot_support(p_label(p, label), k)
     else:
         eta_adm = _max_step(p, rule, live, y if rule == "support" else None)
     if backoff:
         eta_adm = eta_adm / (1.0 + _alpha_from_deficit(_entropy_deficit(p, k), _check_eps(eps)))
-    tangent_grad_norm = _tangent_norm(torch.where(y > 0, -y / p, 0.0), live)
     centred = a - a.amax(dim=-1, keepdim=True)  # J_s ignores constant shifts; this makes J_s(c·1) exactly 0
-    belief_speed = torch.linalg.vector_norm(p * (centred - (p * centred).sum(dim=-1, keepdim=True)), dim=-1)
-    cap = torch.where(belief_speed > 0, eta_adm * tangent_grad_norm / belief_speed, math.inf)
+    mean = (p * centred).sum(dim=-1, keepdim=True)
+    if rule == "support" and s == 0.0:  # only the label coordinate is curved: compare the label's own move
+        label_speed = (centred.gather(-1, label.unsqueeze(-1)) - mean).squeeze(-1).abs()  # |d log p_c/dτ|
+        cap = torch.where(label_speed > 0, eta_adm * (k - 1) / (k * p_label(p, label) ** 2 * label_speed), math.inf)
+    else:
+        tangent_grad_norm = _tangent_norm(torch.where(y > 0, -y / p, 0.0), live)
+        belief_speed = torch.linalg.vector_norm(p * (centred - mean), dim=-1)
+        cap = torch.where(belief_speed > 0, eta_adm * tangent_grad_norm / belief_speed, math.inf)
     cap = torch.where(eta_adm > 0, cap, 0.0)
     return torch.where(k > 1, cap, math.inf)
