@@ -103,23 +103,33 @@ def test_min_takes_the_smallest_radius_and_composes():
 def test_make_bound_accepts_names_bounds_and_lists():
     assert make_bound("ghost", 0.9) == Ghost(0.9)
     assert make_bound(["exact"]) == Exact()
-    assert make_bound("belief", belief_rule="sharp", belief_backoff=False) == Belief("sharp", False)
+    assert make_bound(Belief("sharp", False)) == Belief("sharp", False)
 
     class HalfGhost:
         name = "half"
+        aggregate = "max"
 
-        def __call__(self, logits, slopes, labels=None):
-            return Ghost()(logits, slopes) / 2
+        def row_radii(self, logits, slopes, labels=None, *, masked=None):
+            return Ghost().row_radii(logits, slopes, labels, masked=masked) / 2
+
+        def __call__(self, logits, slopes, labels=None, *, masked=None):
+            return self.row_radii(logits, slopes, labels, masked=masked).amin()
 
     custom = HalfGhost()
     assert isinstance(custom, Bound) and make_bound(custom) is custom
     z, a = _rand(3, 3), _rand(3, 3, seed=1)
     assert make_bound(["ghost", custom])(z, a).item() == pytest.approx(Ghost()(z, a).item() / 2)
     with pytest.raises(ValueError, match="rule"):
-        make_bound("belief", belief_rule="loose")
+        Belief("loose")
     for bad in ("gost", [], 3):
         with pytest.raises(ValueError):
             make_bound(bad)
+
+
+@pytest.mark.parametrize("spec", [Ghost(), Belief(), ["ghost", Exact()]])
+def test_an_aggregate_that_conflicts_with_a_bound_object_raises(spec):
+    with pytest.raises(ValueError, match="conflicts"):
+        make_bound(spec, 0.5)
 
 
 def test_shape_mismatch_is_rejected():

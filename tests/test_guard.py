@@ -109,7 +109,7 @@ def test_rho_is_pi_over_max_spread_along_the_actual_update():
     slopes = (x.double() @ dw.T + db) / tau  # analytic: a = ΔW x + Δb per unit step
     expected = math.pi / (slopes.amax(1) - slopes.amin(1)).max().item()
     assert opt.last_report.rho == pytest.approx(expected, rel=1e-5)
-    assert opt.last_report.r == pytest.approx(tau.item() / expected, rel=1e-5)
+    assert opt.last_report.r_proposed == pytest.approx(tau.item() / expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("mode,r", [("cap", 0.5), ("set", 0.5), ("set", 50.0)])
@@ -142,7 +142,8 @@ def test_bound_list_is_the_minimum_and_quantile_is_looser():
         _train_step(model, opt, x, y, labels=y)
         reports[key] = opt.last_report
     assert reports["both"].rho == min(reports["ghost"].rho, reports["belief"].rho)
-    assert reports["both"].bound == "min(ghost,belief)"
+    binding = "ghost" if reports["ghost"].rho <= reports["belief"].rho else "belief"
+    assert reports["both"].bound == binding  # the report names the member that set ρ
     assert reports["q"].rho > reports["ghost"].rho
 
 
@@ -178,7 +179,7 @@ def test_default_probe_subset_and_batchnorm_forces_the_full_batch():
     model = _mlp()
     opt = SafeStep(torch.optim.SGD(model.parameters(), lr=0.1), model)
     _train_step(model, opt, x, y)
-    assert opt.last_report.probe_size == 16 and opt.last_report.method == "jvp"
+    assert opt.last_report.probe_size == 8 and opt.last_report.method == "jvp"  # an eighth of 64 rows
     torch.manual_seed(0)
     bn = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
     ref = copy.deepcopy(bn)
@@ -257,7 +258,7 @@ def test_missing_batch_is_a_clear_error_and_nothing_moves():
         opt.step()
     assert torch.equal(_flat(model), theta0)
     opt.step(inputs=x)
-    assert opt.last_report.probe_size == 16
+    assert opt.last_report.probe_size == 8
     with torch.no_grad():  # evaluation calls are not captured
         model(x)
     capturing = SafeStep(torch.optim.SGD(model.parameters(), lr=0.1), model)
@@ -308,7 +309,7 @@ def test_closure_returns_its_loss_and_feeds_the_batch():
         return loss
 
     loss = opt.step(closure)
-    assert torch.is_tensor(loss) and loss.item() > 0 and opt.last_report.probe_size == 16
+    assert torch.is_tensor(loss) and loss.item() > 0 and opt.last_report.probe_size == 8
 
 
 def _run(model, opt, steps, seed):
@@ -471,7 +472,7 @@ def test_monitor_mode_measures_but_applies_exactly_what_the_inner_optimizer_does
     assert torch.equal(_flat(model), _flat(ref_model))  # bit for bit the unwrapped step, although r > 1
     _states_equal(inner, ref_inner)
     report = monitor.last_report
-    assert report.scale == 1.0 and not report.skipped and report.r > 1
+    assert report.scale == 1.0 and not report.skipped and report.r_proposed > 1
     assert report.tau == pytest.approx((_flat(ref_model) - theta0).double().norm().item(), rel=1e-5)
     assert report.rho == pytest.approx(capped.last_report.rho, rel=1e-9)  # the same radius a guarded step uses
     assert capped.last_report.scale < 1

@@ -1,4 +1,5 @@
-"""SafeStep inside a real Lightning Trainer (CPU): closure-driven steps, AMP, batch feeding, logging, checkpoints."""
+"""SafeStep inside a real Lightning Trainer (CPU): closure-driven steps, AMP, gradient accumulation, schedulers, a
+module without forward, batch feeding, logging and the progress bar, checkpoints."""
 import csv
 import math
 import subprocess
@@ -17,8 +18,7 @@ from lightning.pytorch.plugins import MixedPrecision  # noqa: E402
 
 from safestep import SafeStep  # noqa: E402
 from safestep.integrations import unwrap_safestep  # noqa: E402
-from safestep.integrations.lightning import SafeStepCallback, default_batch_to_inputs  # noqa: E402
-from safestep.probe import probe_rows  # noqa: E402
+from safestep.integrations.lightning import PROGRESS_BAR_KEYS, SafeStepCallback, default_batch_to_inputs  # noqa: E402
 
 BATCH = 32
 SPIKE_AT = 6
@@ -80,11 +80,13 @@ def _flat(module):
 
 
 class UpdateRecorder(pl.Callback):
-    """Independent record of every applied update ‖θ_after − θ_before‖, the unscaled grad norm and step kwargs."""
+    """Independent record of every optimizer step: the applied update ‖θ_after − θ_before‖, θ0, the unscaled
+    (accumulated) gradient norm, the learning rate and the step kwargs; and of the movement in micro-batches that
+    did not step (``idle``)."""
 
     def __init__(self):
-        self.before, self.applied, self.grad_norms, self.step_kwargs, self.batches = None, [], [], [], []
-        self.theta0 = []
+        self.before, self.applied, self.idle, self.grad_norms, self.step_kwargs, self.batches = None, [], [], [], [], []
+        self.theta0, self.lrs = [], []
 
     def on_train_start(self, trainer, pl_module):
         unwrap_safestep(trainer.optimizers[0]).register_step_post_hook(
@@ -97,9 +99,11 @@ class UpdateRecorder(pl.Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         self.theta0.append(_flat(pl_module))
         self.grad_norms.append(torch.cat([p.grad.reshape(-1) for p in pl_module.parameters()]).double().norm().item())
+        self.lrs.append(optimizer.param_groups[0]["lr"])
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        self.applied.append((_flat(pl_module) - self.before).norm().item())
+        moved = (_flat(pl_module) - self.before).norm().item()
+        (self.applied if len(self.applied) < len(self.theta0) else self.idle).append(moved)
 
 
 def _trainer(max_steps, callbacks=(), logger=False, **kwargs):
@@ -134,15 +138,18 @@ def test_lr_spike_guarded_run_survives_plain_run_does_not(tmp_path):
 
     rows = _csv_rows(logger)
     assert len(rows) == steps
+    assert {f"safestep/{key}" for key in ("tau", "rho", "r_proposed", "scale", "r_applied", "capped", "skipped")} <= rows[0].keys()
+    assert {key for key in trainer.progress_bar_metrics if key.startswith("safestep/")} == {
+        "safestep/" + key for key in PROGRESS_BAR_KEYS}  # the bar shows two numbers, the logger gets all seven
     r_applied = [float(row["safestep/r_applied"]) for row in rows]
     assert max(r_applied) <= 1.0 + 1e-6
     assert sum(float(row["safestep/capped"]) for row in rows) == steps - SPIKE_AT
     # the logged s·τ is the update that really moved the parameters (measured independently)
     for row, moved in zip(rows, recorder.applied):
         assert float(row["safestep/scale"]) * float(row["safestep/tau"]) == pytest.approx(moved, rel=1e-4)
-        assert float(row["safestep/r"]) == pytest.approx(float(row["safestep/tau"]) / float(row["safestep/rho"]),
+        assert float(row["safestep/r_proposed"]) == pytest.approx(float(row["safestep/tau"]) / float(row["safestep/rho"]),
                                                           rel=1e-5)
-    assert {"safestep/tau", "safestep/rho", "safestep/r", "safestep/scale"} <= trainer.callback_metrics.keys()
+    assert {"safestep/tau", "safestep/rho", "safestep/r_proposed", "safestep/scale"} <= trainer.callback_metrics.keys()
     assert unwrap_safestep(trainer.optimizers[0]).last_report.method == "jvp"
 
 
@@ -152,10 +159,58 @@ def test_callback_feeds_the_batch_when_training_step_bypasses_the_guarded_module
     histories = []
     for call_self in (True, False):
         trainer = _trainer(3, [SafeStepCallback()])
-        trainer.fit(Classifier(call_self=call_self), _loader())
+        trainer.fit(Classifier(call_self=call_self, probe_size=None), _loader())  # rows chosen alike either way
         histories.append([(r.rho, r.method, r.probe_size) for r in unwrap_safestep(trainer.optimizers[0]).history])
     hooked, fed = histories
     assert len(fed) == 3 and fed == hooked  # the fallback probes exactly what the forward hook captures
+
+
+class WithoutForward(pl.LightningModule):
+    """No forward(): training_step calls ``self.net``; the guard gets ``self.net``, or ``self`` with a logits_fn."""
+
+    LR, DECAY = 0.5, 0.5
+
+    def __init__(self, guarded):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 3))
+        self.guarded = guarded
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.cross_entropy(self.net(x).float(), y)
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=self.LR)
+        if self.guarded == "net":
+            guard = SafeStep(optimizer, self.net, probe_size=None)
+        else:
+            guard = SafeStep(optimizer, self, logits_fn=lambda module, x: module.net(x), probe_size=None)
+        schedule = torch.optim.lr_scheduler.LambdaLR(guard, lambda step: self.DECAY**step)
+        return {"optimizer": guard, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+
+def test_a_module_without_forward_with_accumulation_bf16_and_a_scheduler():
+    steps, accumulate, histories = 3, 2, []
+    for guarded in ("net", "self + logits_fn"):
+        recorder = UpdateRecorder()
+        trainer = _trainer(steps, [SafeStepCallback(), recorder], accumulate_grad_batches=accumulate,
+                           precision="bf16-mixed")
+        trainer.fit(WithoutForward(guarded), _loader())
+        guard = unwrap_safestep(trainer.optimizers[0])
+        reports = list(guard.history)
+        assert len(reports) == steps and len(recorder.idle) == steps * (accumulate - 1)  # one report per optimizer step
+        assert recorder.idle == [0.0] * len(recorder.idle)  # micro-batches in between neither step nor move
+        assert recorder.lrs == pytest.approx([WithoutForward.LR * WithoutForward.DECAY**k for k in range(steps)])
+        for report, lr, grad_norm, moved in zip(reports, recorder.lrs, recorder.grad_norms, recorder.applied, strict=True):
+            assert report.method == "jvp" and not report.skipped
+            assert report.tau == pytest.approx(lr * grad_norm, rel=1e-5)  # the accumulated gradient at the scheduled LR
+            assert report.scale * report.tau == pytest.approx(moved, rel=1e-4)
+        assert {key for key in trainer.progress_bar_metrics if key.startswith("safestep/")} == {
+            "safestep/r_applied", "safestep/capped"}
+        histories.append([(r.tau, r.rho) for r in reports])
+    hooked, fed = histories
+    assert fed == hooked  # logits_fn on the fed batch probes what the hook on self.net captures
 
 
 def _ghost_radius_by_finite_differences(theta0, theta1, x, h=1e-5):
@@ -184,7 +239,7 @@ def test_explicit_batch_functions_feed_inputs_and_labels_without_the_forward_hoo
         return batch[1]
 
     recorder = UpdateRecorder()
-    model = Classifier(capture=False, momentum=0.0, lr=0.5)
+    model = Classifier(capture=False, momentum=0.0, lr=0.5, probe_size=None)  # every row: the radius is recomputable
     trainer = _trainer(2, [SafeStepCallback(to_inputs, to_labels), recorder])
     trainer.fit(model, _loader())
 
@@ -192,9 +247,8 @@ def test_explicit_batch_functions_feed_inputs_and_labels_without_the_forward_hoo
     for kwargs, (x, y) in zip(recorder.step_kwargs, recorder.batches):
         assert kwargs["inputs"] is x and kwargs["labels"] is y
     last = unwrap_safestep(trainer.optimizers[0]).last_report
-    rows = probe_rows(BATCH, last.probe_size)
-    x = recorder.batches[-1][0] if rows is None else recorder.batches[-1][0][rows]
-    expected = _ghost_radius_by_finite_differences(recorder.theta0[-1], _flat(model), x)
+    assert last.probe_size == BATCH
+    expected = _ghost_radius_by_finite_differences(recorder.theta0[-1], _flat(model), recorder.batches[-1][0])
     assert last.rho == pytest.approx(expected, rel=1e-4)
 
 
@@ -255,6 +309,7 @@ def test_callback_without_a_guard_and_bad_arguments_raise():
 
 
 def test_importing_safestep_imports_no_framework():
-    code = "import sys, safestep, safestep.integrations; print(sorted({'lightning', 'transformers'} & set(sys.modules)))"
+    code = ("import sys, safestep, safestep.integrations, safestep.telemetry, safestep.cli; "
+            "print(sorted({'lightning', 'transformers', 'accelerate', 'matplotlib'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

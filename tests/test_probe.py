@@ -1,6 +1,7 @@
 """Probe: slopes against analytic values, finite differences of the trained function, and side effects."""
 import copy
 import gc
+import warnings
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from safestep.probe import (
     LogitProbe,
     batch_size,
     extract_logits,
-    probe_rows,
+    choose_rows,
     take_rows,
 )
 
@@ -185,11 +186,38 @@ def test_auto_falls_back_to_finite_differences():
     x = torch.randn(5, 3, dtype=torch.float64)
     theta, v = _params(model), _unit_direction(model, 6)
     probe = LogitProbe(model)
-    with pytest.raises((RuntimeError, NotImplementedError)):
+    with pytest.raises(ValueError, match="method='jvp' cannot probe this model.*jvp function"):
         probe(theta, v, x, "jvp")
-    out = probe(theta, v, x, "auto")
-    assert out.method == "fd"
+    assert probe.fallback == ""  # an explicit "jvp" never switches the method
+    with pytest.warns(RuntimeWarning, match="no forward-mode AD rule"):
+        out = probe(theta, v, x, "auto")
+    assert out.method == "fd" and "no forward-mode AD rule" in out.note
     torch.testing.assert_close(out.slopes, 2 * (x @ v["lin.weight"].T + v["lin.bias"]), rtol=1e-7, atol=1e-9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # said once: the next probes fall back silently
+        again = probe(theta, v, x, "auto")
+    assert again.method == "fd" and again.note == ""
+
+
+class _Failing(nn.Module):
+    """A model whose forward raises a RuntimeError that is not about forward-mode AD (e.g. out of memory)."""
+
+    def __init__(self, message):
+        super().__init__()
+        self.lin = nn.Linear(3, 4).double()
+        self.message = message
+
+    def forward(self, x):
+        raise RuntimeError(self.message)
+
+
+@pytest.mark.parametrize("message", ["CUDA out of memory. Tried to allocate 2.00 GiB", "shape mismatch in matmul"])
+def test_auto_never_hides_other_errors(message):
+    model = _Failing(message)
+    probe = LogitProbe(model)
+    with pytest.raises(RuntimeError, match=message.split(".")[0]):
+        probe(_params(model), _unit_direction(model), torch.randn(2, 3, dtype=torch.float64), "auto")
+    assert probe.fallback == ""  # the method did not switch for the rest of training
 
 
 def test_no_autograd_state_is_left_behind():
@@ -245,9 +273,10 @@ def test_extract_logits_forms_and_error():
 
 
 def test_rows_and_batch_helpers():
-    assert probe_rows(128, 16).tolist() == list(range(0, 128, 8))
-    assert probe_rows(10, 4).tolist() == [0, 2, 5, 7]
-    assert probe_rows(10, None) is None and probe_rows(10, 10) is None
+    assert choose_rows(128, 16, None, 0).tolist() == list(range(0, 128, 8))
+    assert choose_rows(128, 16, None, 3).tolist() == list(range(3, 128, 8))  # the stride rotates with the step
+    assert choose_rows(10, 4, None, 0).tolist() == [0, 2, 5, 7]
+    assert choose_rows(10, 10, None, 0) is None
     x, mask = torch.arange(10).view(5, 2), torch.ones(5, 3)
     rows = torch.tensor([1, 3])
     call = take_rows(CallArgs((x,), {"mask": mask, "flag": 3}), rows, 5)
@@ -268,9 +297,10 @@ def test_input_capture_keeps_the_last_training_call():
         model(b)  # evaluation: ignored
     with capture.paused():
         model(b)
-    assert capture.pop() is a and capture.pop() is None
+    call = capture.pop()
+    assert call.args[0] is a and call.kwargs == {} and capture.pop() is None
     model(b)
-    assert capture.pop() is b
+    assert capture.pop().args[0] is b
     capture.remove()
     model(a)
     assert capture.pop() is None

@@ -1,33 +1,58 @@
-"""Bounds: strategies mapping (logits, slopes, labels) at θ0 to a safe step length ρ along the direction.
+"""Bounds: rules mapping (logits, slopes, labels) at θ0 to a safe step length ρ along the update direction.
 
-Every bound sees logits and slopes of shape (..., K) (all leading dimensions are samples: (B, K) or (B, T, V)
-rows) and returns a 0-dim float64 radius. Per-sample radii are aggregated over the rows:
+Every bound sees logits and slopes of shape (..., K); all leading dimensions are rows ((B, K) samples or (B, T, V)
+positions). ``row_radii`` gives one radius per row (flat, float64), ``__call__`` aggregates them:
 
-* ``aggregate="max"`` — the worst sample decides: ρ = min_n ρ_n (a step safe for every probed row);
-* ``aggregate=q`` with 0 < q <= 1 — the quantile of the per-sample step *demand* 1/ρ_n: ρ is the
-  ⌊(1 − q)(N − 1)⌋-th smallest ρ_n (0-based), so at most a fraction 1 − q of rows may have a smaller radius.
+* ``aggregate="max"`` — the worst row decides: ρ = min_n ρ_n (a step safe for every probed row);
+* ``aggregate=q`` with 0 < q <= 1 — the quantile of the per-row step *demand* 1/ρ_n over the active rows: ρ is
+  the ⌊(1 − q)(N − 1)⌋-th smallest ρ_n (0-based), so at most a fraction 1 − q of rows may have a smaller radius.
   ``q = 1.0`` equals "max". Looser than "max": not a certificate for every row.
 
-Bounds compose: ``Min(a, b)`` is the smaller of the two radii.
-``Ghost``, ``Exact`` and ``Belief`` also give ``row_radii`` (the per-row ρ_n before aggregation), which the
-distributed reduction gathers across ranks for quantile aggregates.
+Real inputs:
+
+* **ignored rows** — a row whose label is ``IGNORE_INDEX`` (−100, the PyTorch / Hugging Face convention) is not in
+  the loss: its radius is +inf and it is left out of quantiles. With every row ignored, ρ = inf.
+* **masked classes** — a logit of −inf (action masks, padded vocabularies) has softmax weight 0 and drops out of
+  F(t) = Σ_k w_k e^{a_k t}; its slope is meaningless (a finite difference gives NaN there) and is ignored.
+  ``masked=None`` (the default) looks for −inf logits; ``masked=False`` promises there are none (no search,
+  the SafeStep hot path) and ``masked=True`` says there may be.
+
+Non-finite input is not an error here: a row with a NaN or infinite live slope gets a NaN (or 0) radius, which the
+caller treats as "no certificate". Bounds compose: ``Min(a, b)`` is the smaller radius; ``leaves`` lists the
+members a distributed reduction reduces one by one.
 """
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Protocol, Union, runtime_checkable
+from typing import ClassVar, Protocol, Union, runtime_checkable
 
 import torch
 from torch import Tensor
 
-from .geometry import belief_step_cap, radius_lower_bound
-from .geometry.radius import exact_radius, min_exact_radius
+from .geometry import belief_step_cap
+from .geometry.radius import exact_radius, min_exact_radius, row_spread
 from .geometry.simplex import RULES
 
-__all__ = ["Aggregate", "Bound", "Ghost", "Exact", "Belief", "Min", "BOUND_NAMES", "aggregate_radii", "make_bound"]
+__all__ = [
+    "IGNORE_INDEX",
+    "Aggregate",
+    "Bound",
+    "Ghost",
+    "Exact",
+    "Belief",
+    "Min",
+    "BOUND_NAMES",
+    "BoundSpec",
+    "aggregate_radii",
+    "check_aggregate",
+    "leaves",
+    "make_bound",
+    "live_slopes",
+]
 
+IGNORE_INDEX = -100
 Aggregate = Union[str, float]
 BOUND_NAMES = ("ghost", "exact", "belief")
 
@@ -41,58 +66,126 @@ def check_aggregate(aggregate: Aggregate) -> Aggregate:
     return float(aggregate)
 
 
-def aggregate_radii(radii: Tensor, aggregate: Aggregate = "max") -> Tensor:
-    """ρ = min_n ρ_n ("max" of the demand 1/ρ_n), or the ⌊(1 − q)(N − 1)⌋-th smallest ρ_n (0-based) for q."""
+def aggregate_radii(radii: Tensor, aggregate: Aggregate = "max", active: Tensor | None = None) -> Tensor:
+    """ρ = min_n ρ_n ("max"), or the ⌊(1 − q)(N − 1)⌋-th smallest of the N active ρ_n (0-based) for a quantile q.
+
+    ``active`` (bool, same length) marks the rows in the population (default: all); computed on the device.
+    """
     flat = radii.reshape(-1)
     if flat.numel() == 0:
         raise ValueError("cannot aggregate the radii of an empty probe (no rows)")
     if check_aggregate(aggregate) == "max":
         return flat.amin()
-    k = math.floor((1.0 - float(aggregate)) * (flat.numel() - 1)) + 1
-    return flat.kthvalue(k).values
+    ordered = flat.sort().values  # inactive rows carry +inf and sort last
+    count = flat.new_tensor(flat.numel()) if active is None else active.reshape(-1).sum().to(flat.dtype)
+    index = torch.floor((1.0 - float(aggregate)) * (count - 1).clamp(min=0)).long()
+    return ordered.gather(0, index.reshape(1)).squeeze(0)
 
 
-def _rows(logits: Tensor, slopes: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+def _flat_rows(logits: Tensor, slopes: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
+    """(N, K) logits and slopes and (N,) labels (shapes checked, no host reads)."""
     if logits.shape != slopes.shape or logits.ndim < 2:
         raise ValueError(f"logits {tuple(logits.shape)} and slopes {tuple(slopes.shape)} must share a (..., K) shape")
     k = logits.shape[-1]
     rows = None if labels is None else labels.reshape(-1)
-    if rows is not None and rows.numel() * k != logits.numel():
+    if labels is not None and tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"labels {tuple(labels.shape)} must hold one label per logits row {tuple(logits.shape[:-1])}")
     return logits.reshape(-1, k), slopes.reshape(-1, k), rows
 
 
+def live_slopes(logits: Tensor, slopes: Tensor, masked: bool | None = None) -> Tensor:
+    """The slopes with every masked class (logit −inf) given the slope of its row's top class, which is live.
+
+    The spread of the result is the spread over live classes, and masked classes keep weight 0 in F(t), so every
+    bound sees exactly the live problem. ``masked=False`` returns the slopes untouched; None looks for −inf.
+    """
+    if masked is False or (masked is None and not bool(torch.isneginf(logits).any())):
+        return slopes
+    top = slopes.gather(-1, logits.argmax(dim=-1, keepdim=True))
+    return torch.where(torch.isneginf(logits), top, slopes)
+
+
+def _ignored(labels: Tensor | None) -> Tensor | None:
+    return None if labels is None else labels == IGNORE_INDEX
+
+
+def _drop_ignored(radii: Tensor, ignored: Tensor | None) -> Tensor:
+    return radii if ignored is None else radii.masked_fill(ignored, math.inf)
+
+
 @runtime_checkable
 class Bound(Protocol):
-    """A radius rule: ``bound(logits, slopes, labels) -> ρ`` (0-dim float64); ``name`` labels reports."""
+    """A radius rule: per-row radii and their aggregate; ``name`` labels reports, ``aggregate`` says how rows combine.
+
+    A bound may set ``accepts_nonfinite = True`` when it returns NaN radii for non-finite rows instead of raising;
+    SafeStep then evaluates it without screening the probe on the host first.
+    """
 
     name: str
+    aggregate: Aggregate
 
-    def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None) -> Tensor: ...
+    def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+                  masked: bool | None = None) -> Tensor:
+        """ρ_n for every row n, flat float64; +inf for ignored rows."""
+        ...
+
+    def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+                 masked: bool | None = None) -> Tensor:
+        """The aggregated radius (0-dim float64)."""
+        ...
+
+
+class _RowBound:
+    """Aggregation over ``row_radii`` shared by the per-row bounds."""
+
+    aggregate: Aggregate
+
+    def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+                  masked: bool | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+                 masked: bool | None = None) -> Tensor:
+        """The per-row radii aggregated over the active (not ignored) rows."""
+        radii = self.row_radii(logits, slopes, labels, masked=masked)
+        ignored = _ignored(None if labels is None else labels.reshape(-1))
+        return aggregate_radii(radii, self.aggregate, None if ignored is None else ~ignored)
 
 
 @dataclass(frozen=True)
-class Ghost:
-    """ρ_n = π/Δ_a(n) (Δ_a the slope spread), the lower bound on the nearest complex zero; cheapest bound."""
+class Ghost(_RowBound):
+    """ρ_n = π/Δ_a(n), Δ_a the spread of the live slopes: the lower bound on the nearest complex zero; cheapest bound."""
 
     aggregate: Aggregate = "max"
     name: str = "ghost"
+    accepts_nonfinite: ClassVar[bool] = True  # non-finite rows give NaN radii instead of raising
 
     def __post_init__(self) -> None:
         check_aggregate(self.aggregate)
 
-    def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None) -> Tensor:
-        """π/Δ_a per row, aggregated."""
-        return aggregate_radii(self.row_radii(logits, slopes, labels), self.aggregate)
+    def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+                 masked: bool | None = None) -> Tensor:
+        """π / max over active rows of Δ_a for "max" (a handful of ops: the guard's hot path), else the quantile."""
+        if self.aggregate != "max":
+            return super().__call__(logits, slopes, labels, masked=masked)
+        z, a, y = _flat_rows(logits, slopes, labels)
+        spread = row_spread(live_slopes(z, a, masked))
+        if y is not None:
+            spread = spread.masked_fill(y == IGNORE_INDEX, 0.0)
+        largest = spread.amax()  # NaN propagates; every row ignored or flat gives 0, hence ρ = inf
+        return torch.where(torch.isinf(largest), math.nan, math.pi / largest)
 
-    def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None) -> Tensor:
-        """ρ_n = π/Δ_a(n) for every row n, flat (not aggregated)."""
-        _, a, _ = _rows(logits, slopes, labels)
-        return radius_lower_bound(a)
+    def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+                  masked: bool | None = None) -> Tensor:
+        """π/Δ_a per row (inf where Δ_a = 0, NaN where it is not finite), from max/min reductions in the slopes' dtype."""
+        z, a, y = _flat_rows(logits, slopes, labels)
+        spread = row_spread(live_slopes(z, a, masked))
+        radii = torch.where(spread > 0, math.pi / spread, math.inf)
+        return _drop_ignored(torch.where(torch.isfinite(spread), radii, math.nan), _ignored(y))
 
 
 @dataclass(frozen=True)
-class Exact:
+class Exact(_RowBound):
     """ρ*_n, the exact convergence radius (modulus of the nearest zero of Σ_k softmax(z)_k e^{a_k t}).
 
     "max" uses branch and bound over rows (only rows whose π/Δ_a lies below the incumbent are solved);
@@ -106,24 +199,31 @@ class Exact:
     def __post_init__(self) -> None:
         check_aggregate(self.aggregate)
 
-    def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None) -> Tensor:
-        """min_n ρ*_n by branch and bound, or the quantile of all ρ*_n."""
-        if self.aggregate == "max":
-            z, a, _ = _rows(logits, slopes, labels)
-            return min_exact_radius(z, a, self.rtol)[0]
-        return aggregate_radii(self.row_radii(logits, slopes, labels), self.aggregate)
+    def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+                 masked: bool | None = None) -> Tensor:
+        """min_n ρ*_n over the active rows by branch and bound, or the quantile of all ρ*_n."""
+        if self.aggregate != "max":
+            return super().__call__(logits, slopes, labels, masked=masked)
+        z, a, y = _flat_rows(logits, slopes, labels)
+        if y is not None:
+            keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
+            if keep.numel() == 0:
+                return torch.tensor(math.inf, dtype=torch.float64, device=z.device)
+            z, a = z.index_select(0, keep), a.index_select(0, keep)
+        return min_exact_radius(z, live_slopes(z, a, masked), self.rtol)[0]
 
-    def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None) -> Tensor:
+    def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+                  masked: bool | None = None) -> Tensor:
         """ρ*_n for every row n, flat (one exact solve per row)."""
-        z, a, _ = _rows(logits, slopes, labels)
-        return exact_radius(z, a, self.rtol)
+        z, a, y = _flat_rows(logits, slopes, labels)
+        return _drop_ignored(exact_radius(z, live_slopes(z, a, masked), self.rtol), _ignored(y))
 
 
 @dataclass(frozen=True)
-class Belief:
+class Belief(_RowBound):
     """τ_max,n = η_adm(p_n)·‖P_T g_n‖/‖J_s(p_n) a_n‖: the belief-space admissible step pulled back per row.
 
-    ``rule`` ("paper" | "sharp" | "tangent") and ``backoff`` (entropy backoff 1/(1 + α(B))) select η_adm;
+    ``rule`` (one of ``geometry.simplex.RULES``) and ``backoff`` (entropy backoff 1/(1 + α(B))) select η_adm;
     without labels the predicted class is used (the worst case over one-hot labels).
     """
 
@@ -138,14 +238,15 @@ class Belief:
             raise ValueError(f"unknown belief rule {self.rule!r}; valid rules are {RULES}")
         check_aggregate(self.aggregate)
 
-    def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None) -> Tensor:
-        """Per-row belief caps, aggregated."""
-        return aggregate_radii(self.row_radii(logits, slopes, labels), self.aggregate)
-
-    def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None) -> Tensor:
-        """τ_max,n for every row n, flat (not aggregated)."""
-        z, a, y = _rows(logits, slopes, labels)
-        return belief_step_cap(z, a, y, rule=self.rule, backoff=self.backoff, eps=self.eps)
+    def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+                  masked: bool | None = None) -> Tensor:
+        """τ_max,n for every row n, flat (not aggregated); ignored rows get +inf."""
+        z, a, y = _flat_rows(logits, slopes, labels)
+        ignored = _ignored(y)
+        label_rows = None if y is None else torch.where(ignored, z.argmax(dim=-1), y)  # a live class, never read
+        caps = belief_step_cap(z, live_slopes(z, a, masked), label_rows, rule=self.rule, backoff=self.backoff,
+                               eps=self.eps)
+        return _drop_ignored(caps, ignored)
 
 
 class Min:
@@ -157,33 +258,51 @@ class Min:
         self.bounds = tuple(bounds)
         self.name = "min(" + ",".join(b.name for b in self.bounds) + ")"
 
-    def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None) -> Tensor:
+    def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+                 masked: bool | None = None) -> Tensor:
         """The smallest of the member radii."""
-        return torch.stack([b(logits, slopes, labels) for b in self.bounds]).amin()
+        return torch.stack([b(logits, slopes, labels, masked=masked) for b in self.bounds]).amin()
 
     def __repr__(self) -> str:
         return f"Min{self.bounds!r}"
 
 
-BoundSpec = Union[str, Bound, Sequence[Union[str, Bound]]]
+def leaves(bound: Bound | Min) -> Iterator[Bound]:
+    """The non-Min bounds inside ``bound`` (itself when it is not a Min), depth first."""
+    if isinstance(bound, Min):
+        for member in bound.bounds:
+            yield from leaves(member)
+    else:
+        yield bound
 
 
-def make_bound(spec: BoundSpec, aggregate: Aggregate = "max", *, belief_rule: str = "paper",
-               belief_backoff: bool = True) -> Bound:
-    """A Bound from a name ("ghost" | "exact" | "belief"), a Bound, or a list of these (their Min)."""
+BoundSpec = Union[str, Bound, Min, Sequence[Union[str, Bound, Min]]]
+
+
+def make_bound(spec: BoundSpec, aggregate: Aggregate | None = None) -> Bound | Min:
+    """A bound from a name ("ghost" | "exact" | "belief"), a Bound, or a list of these (their Min).
+
+    ``aggregate`` applies to bounds given by name; combined with a Bound object it raises ValueError (the object
+    carries its own aggregate: ``Ghost(aggregate=0.9)``).
+    """
     if isinstance(spec, str):
+        chosen = "max" if aggregate is None else check_aggregate(aggregate)
         if spec == "ghost":
-            return Ghost(aggregate)
+            return Ghost(chosen)
         if spec == "exact":
-            return Exact(aggregate)
+            return Exact(chosen)
         if spec == "belief":
-            return Belief(belief_rule, belief_backoff, aggregate=aggregate)
+            return Belief(aggregate=chosen)
         raise ValueError(f"unknown bound {spec!r}; use one of {BOUND_NAMES}, a Bound, or a list of them")
-    if isinstance(spec, Bound):
+    if isinstance(spec, (Min, Bound)):
+        if aggregate is not None:
+            raise ValueError(f"aggregate={aggregate!r} conflicts with the bound object {spec!r}, which carries its own "
+                             "aggregate; set it on the bound, e.g. Ghost(aggregate=0.9)")
         return spec
     if isinstance(spec, Sequence):
-        parts = [make_bound(s, aggregate, belief_rule=belief_rule, belief_backoff=belief_backoff) for s in spec]
+        parts = [make_bound(s, aggregate) for s in spec]
         if not parts:
             raise ValueError("bound list is empty; give at least one bound")
         return parts[0] if len(parts) == 1 else Min(*parts)
-    raise ValueError(f"bound must be a name, a Bound or a list of them, got {type(spec).__name__}")
+    raise ValueError(f"bound must be a name, a Bound or a list of them, got {type(spec).__name__}; a Bound has "
+                     "name, aggregate, row_radii(logits, slopes, labels, *, masked) and __call__(same arguments)")

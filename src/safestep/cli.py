@@ -1,26 +1,113 @@
-"""The ``safestep`` command line: ``demo``, ``list``, ``reproduce NAME|all`` and ``--version``.
+"""The ``safestep`` command line: ``demo``, ``list``, ``reproduce NAME|all``, ``plot HISTORY`` and ``--version``.
 
 Each subcommand is one ``_add_<name>`` function that registers its parser and its handler; add new ones there.
+Argparse checks every number; a handler then checks, before any work, that the optional dependencies it needs
+are installed (``_require``) and that its output folder can be written (``_check_out_dir``). A failed check
+raises ``_UsageError``, which ``main`` prints as one line on stderr with exit code 2.
 """
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import math
+import os
 import sys
-from typing import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from . import __version__
+from .telemetry import StepReport, read_reports
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["build_parser", "main"]
 
+_EXTRAS: dict[str, tuple[str, ...]] = {"lab": ("sklearn", "matplotlib", "tqdm"), "plot": ("matplotlib",)}
+"""The import names each optional extra of pyproject.toml provides, for the extras a command can need."""
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
+
+class _UsageError(Exception):
+    """A check failed before any work; ``main`` prints the message as one line and returns 2."""
+
+
+def _require(extra: str) -> None:
+    """Raise _UsageError naming ``pip install 'safestep[extra]'`` unless every module of ``extra`` is importable."""
+    missing = [name for name in _EXTRAS[extra] if importlib.util.find_spec(name) is None]
+    if missing:
+        raise _UsageError(
+            f"this command needs the '{extra}' extra (missing: {', '.join(missing)}); "
+            f"install it with: pip install 'safestep[{extra}]'"
+        )
+
+
+def _check_out_dir(path: Path) -> None:
+    """Raise _UsageError unless ``path`` is a writable folder or can be created as one; creates nothing."""
+    existing = path.absolute()
+    while not os.path.lexists(existing):
+        existing = existing.parent
+    if not existing.is_dir():
+        raise _UsageError(f"cannot write the output folder {path}: {existing} exists and is not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise _UsageError(f"cannot write the output folder {path}: no write permission in {existing}")
+
+
+def _int_in(low: int, high: int | None, meaning: str) -> Callable[[str], int]:
+    """An argparse type accepting an integer in [low, high] (no upper limit when ``high`` is None)."""
+
+    def parse(text: str) -> int:
+        error = argparse.ArgumentTypeError(f"expected {meaning}, got {text!r}")
+        try:
+            value = int(text)
+        except ValueError:
+            raise error from None
+        if value < low or (high is not None and value > high):
+            raise error
+        return value
+
+    return parse
+
+
+_CPUS = os.cpu_count() or 1
+_positive_int = _int_in(1, None, "a positive integer")
+_seed = _int_in(0, 2**64 - 1, "an integer in [0, 2**64)")
+_threads = _int_in(1, _CPUS, f"a number of threads from 1 to {_CPUS} (the CPUs of this machine)")
+
+
+def _run_demo_lm(args: argparse.Namespace) -> int:
+    """`safestep demo --lm`: the held x1000 spike on text (src/safestep/lab/demo_lm.py)."""
+    import torch
+    from tqdm import tqdm
+
+    from .lab.demo_lm import LMDemoConfig, format_lm_table, run_lm_demo, write_lm_outputs
+    from .lab.parallel import default_workers
+
+    torch.set_num_threads(args.threads)
+    config = LMDemoConfig.for_steps(args.steps, seed=args.seed, quick=args.quick)
+    total = len(config.methods) * config.steps
+    with tqdm(total=total, desc="safestep demo --lm", unit="step", disable=args.no_progress) as bar:
+
+        def advance(n: int, label: str) -> None:
+            bar.set_postfix_str(label, refresh=False)
+            bar.update(n)
+
+        result = run_lm_demo(config, progress=advance, workers=default_workers())
+    paths = write_lm_outputs(result, args.out)
+    print(
+        f"byte-level GPT on Python sources, AdamW, base LR {config.base_lr:g}, LR x{config.spike_factor:g} for steps "
+        f"{config.spike_start}-{config.spike_start + config.spike_steps - 1} of {config.steps}; seed {config.seed}; "
+        f"{result.seconds:.1f} s\n"
+    )
+    print(format_lm_table(result))
+    print("\nwrote " + ", ".join(str(p) for p in paths.values()))
+    return 0
 
 
 def _run_demo(args: argparse.Namespace) -> int:
+    _require("lab")
+    _check_out_dir(Path(args.out))
+    if getattr(args, "lm", False):
+        return _run_demo_lm(args)
     import torch
     from tqdm import tqdm
 
@@ -55,14 +142,19 @@ def _add_demo(subparsers: argparse._SubParsersAction) -> None:
         "compare plain, clip_grad_norm_(1.0) and SafeStep. Writes results.json, demo.png and report.md.",
     )
     parser.add_argument("--out", default="safestep-demo", help="output folder (default: ./safestep-demo)")
-    parser.add_argument("--seed", type=int, default=0, help="seed for the split, the initialisation and the batches")
-    parser.add_argument("--steps", type=_positive_int, default=400, help="training steps per run; the spike covers [steps/4, steps/2)")
-    parser.add_argument("--quick", action="store_true", help="a few-second version (40 steps) for smoke tests")
+    parser.add_argument("--seed", type=_seed, default=0, help="seed for the split, the initialisation and the batches")
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=_positive_int, default=400, help="training steps per run; the spike covers [steps/4, steps/2)")
+    length.add_argument("--quick", action="store_true", help="a few-second version (40 steps) for smoke tests")
     parser.add_argument(
-        "--threads", type=_positive_int, default=1,
+        "--threads", type=_threads, default=1,
         help="torch CPU threads (default 1: these tiny models run fastest single-threaded, above all on a busy machine)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument("--lm", action="store_true",
+                        help="the language-model demo instead: a byte-level GPT on Python sources, AdamW with a held "
+                        "x1000 LR spike for 30 steps, plain vs clip vs SafeStep (writes results.json, demo_lm.png, "
+                        "report.md; the three runs use two worker processes on a multi-core machine)")
     parser.set_defaults(handler=_run_demo)
 
 
@@ -80,24 +172,26 @@ def _run_list(args: argparse.Namespace) -> int:
 
 
 def _run_reproduce(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    import torch
-    from tqdm import tqdm
-
+    _require("lab")
     from .lab.experiments import REGISTRY, RunOptions, load
-    from .lab.report import write_combined_report, write_result
 
     names = list(REGISTRY) if args.name == "all" else [args.name]
     try:
         experiments = [load(name) for name in names]
     except ValueError as error:
-        print(f"safestep reproduce: {error}", file=sys.stderr)
-        return 2
-    torch.set_num_threads(args.threads)
+        raise _UsageError(str(error)) from None
     out = Path(args.out)
+    folders = [out / exp.name for exp in experiments] if len(experiments) > 1 else [out]
+    for folder in folders:
+        _check_out_dir(folder)
+    import torch
+    from tqdm import tqdm
+
+    from .lab.report import write_combined_report, write_result
+
+    torch.set_num_threads(args.threads)
     results = []
-    for exp in experiments:
+    for exp, folder in zip(experiments, folders):
         with tqdm(desc=exp.name, unit="unit", disable=args.no_progress) as bar:
 
             def advance(done: int, total: int, label: str, bar: tqdm = bar) -> None:
@@ -106,7 +200,7 @@ def _run_reproduce(args: argparse.Namespace) -> int:
                 bar.update(done - bar.n)
 
             result = exp.run(RunOptions(quick=args.quick, seeds=args.seeds, progress=advance))
-        paths = write_result(result, out / exp.name if len(experiments) > 1 else out, quick=args.quick)
+        paths = write_result(result, folder, quick=args.quick)
         results.append(result)
         print(f"\n{result.title} ({result.seconds:.1f} s)")
         for claim in result.claims:
@@ -131,9 +225,81 @@ def _add_reproduce(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--quick", action="store_true", help="the CI-sized variant (under a minute each)")
     parser.add_argument("--seeds", type=_positive_int, default=None, help="number of seeds (default: the experiment's)")
     parser.add_argument("--out", default="safestep-out", help="output folder (default: ./safestep-out)")
-    parser.add_argument("--threads", type=_positive_int, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--threads", type=_threads, default=1, help="torch CPU threads (default 1)")
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     parser.set_defaults(handler=_run_reproduce)
+
+
+_PLOT_PANELS = (  # (y label, ((report field, legend), ...)), each on a log axis
+    ("length", (("tau", "τ = ‖Δθ‖ (proposed)"), ("rho", "ρ (radius)"))),
+    ("radius units", (("r_proposed", "r proposed = τ/ρ"), ("r_applied", "r applied = s·τ/ρ"))),
+    ("scale s", (("scale", "s"),)),
+)
+
+
+def _plottable(value: float) -> float:
+    """``value``, or NaN (a gap in the line) where a log axis cannot show it: non-finite or <= 0."""
+    return value if math.isfinite(value) and value > 0 else math.nan
+
+
+def _history_figure(reports: Sequence[StepReport], title: str) -> Figure:
+    """A standalone Figure (no pyplot) of τ and ρ, r proposed and applied, and the scale s per step (log axes);
+    skipped steps are marked at the bottom of the scale panel. Non-finite and zero values leave gaps."""
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(8, 7), layout="constrained")
+    axes = figure.subplots(len(_PLOT_PANELS), 1, sharex=True)
+    steps = [report.step for report in reports]
+    axes[1].axhline(1.0, color="0.6", linewidth=0.8, linestyle="--", label="r = 1")
+    skipped = [report.step for report in reports if report.skipped]
+    if skipped:
+        axes[2].plot(skipped, [0.0] * len(skipped), "x", color="tab:red", label="skipped", clip_on=False,
+                     transform=axes[2].get_xaxis_transform())
+    for ax, (ylabel, series) in zip(axes, _PLOT_PANELS):
+        curves = [([_plottable(getattr(report, field)) for report in reports], label) for field, label in series]
+        for values, label in curves:
+            ax.plot(steps, values, label=label)
+        drawn = any(not math.isnan(value) for values, _ in curves for value in values)
+        ax.set_yscale("log" if drawn else "linear")  # a log axis with nothing to draw cannot place its ticks
+        ax.set_ylabel(ylabel)
+        ax.legend(loc="best", fontsize="small")
+    axes[-1].set_xlabel("step")
+    capped = sum(report.capped for report in reports)
+    figure.suptitle(f"{title}: {len(reports)} steps, {capped} capped, {len(skipped)} skipped")
+    return figure
+
+
+def _run_plot(args: argparse.Namespace) -> int:
+    _require("plot")
+    history = Path(args.history)
+    out = Path(args.out) if args.out is not None else history.with_suffix(".png")
+    _check_out_dir(out.parent)
+    if out.is_dir() or out.absolute() == history.absolute():
+        raise _UsageError(f"cannot write the figure to {out}: give a new file name, e.g. --out steps.png")
+    try:
+        reports = read_reports(history)
+    except OSError as error:
+        raise _UsageError(f"cannot read {history}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise _UsageError(str(error)) from None
+    if not reports:
+        raise _UsageError(f"{history} holds no step reports")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _history_figure(reports, history.name).savefig(out)
+    print(f"wrote {out}")
+    return 0
+
+
+def _add_plot(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "plot",
+        help="draw τ, ρ, r and the scale per step from a SafeStep history (CSV or JSON lines) to a PNG",
+        description="Read a history written by History.to_csv/to_jsonl or the CSV/JSON-lines sinks and draw, per "
+        "step, the proposed update length τ and the radius ρ, r = τ/ρ proposed and applied, and the scale s.",
+    )
+    parser.add_argument("history", help="a .csv or .jsonl file of step reports")
+    parser.add_argument("--out", default=None, help="the PNG to write (default: HISTORY with the suffix .png)")
+    parser.set_defaults(handler=_run_plot)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_demo(subparsers)
     _add_list(subparsers)
     _add_reproduce(subparsers)
+    _add_plot(subparsers)
     return parser
 
 
@@ -154,4 +321,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    return args.handler(args)
+    try:
+        return args.handler(args)
+    except _UsageError as error:
+        print(f"safestep {args.command}: error: {error}", file=sys.stderr)
+        return 2

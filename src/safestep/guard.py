@@ -1,34 +1,61 @@
-"""SafeStep: a torch.optim.Optimizer wrapper that bounds the length of the inner optimizer's actual update.
+"""SafeStep: the torch.optim adapter over the functional step core (``safestep.step``; docs/step.md).
 
-One guarded step (MATH_RADIUS.md §A4–A5): snapshot θ0 → inner.step() → Δθ = θ1 − θ0, τ = ‖Δθ‖ →
-probe the logits at θ0 along v = Δθ/τ on the captured batch → bound → ρ →
-cap: s = min(1, r·ρ/τ) | set: s = r·ρ/τ → θ = θ0 + sΔθ (θ1 untouched, bit for bit, when s = 1).
-
-The inner optimizer's state (momentum, Adam moments, step counts) advances with the raw gradient exactly as
-in an unguarded run; only the applied step is scaled.
+One guarded step is a transaction: validate (batch, labels, probe rows) → snapshot θ0 → inner.step() →
+Δθ = θ1 − θ0, τ = ‖Δθ‖ → probe the logits at θ0 along Δθ/τ → bound → ρ → s (cap: min(1, r·ρ/τ), set: r·ρ/τ)
+→ θ = θ0 + s·Δθ (θ1 untouched, bit for bit, when s = 1) → report. Any exception after the snapshot restores θ0
+before it propagates. This class holds what torch.optim expects of an optimizer (param_groups, state, hooks,
+state_dict), the captured batch and the history; the step itself is ``safestep.step``'s pure functions.
 """
 from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import time
+import warnings
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from .bounds import Aggregate, BoundSpec, check_aggregate, make_bound
-from .distributed import ShardedProbe, agree, check_reducible, is_sharded, local_tensor, make_reducer, probe_module
-from .probe import METHODS, Inputs, InputCapture, LogitProbe, LogitsFn, Slopes, batch_size, probe_rows, take_rows
+from .bounds import IGNORE_INDEX, Aggregate, BoundSpec, leaves, make_bound
+from .collectives import make_reducer
+from .distributed import is_sharded, local_tensor, make_probe, probe_module
+from .probe import (METHODS, SELECTIONS, CallArgs, Displacement, InputCapture, Inputs, LogitsFn, ProbeSize, as_batch,
+                    batch_size, check_probe_size, choose_rows, extract_logits, probe_count, row_scores, take_rows)
+from .step import MODES, apply, displacement, gradients_finite, probe_slopes, radius, restore, scale_for, snapshot
 from .telemetry import History, ReportSink, StepReport
 
-__all__ = ["SafeStep", "MODES", "DEFAULT_PROBE_SIZE"]
+__all__ = ["SafeStep", "MODES", "DEFAULT_PROBE_SIZE", "FREEZE_SCALE", "FREEZE_STEPS"]
 
-MODES = ("cap", "set", "monitor")
-DEFAULT_PROBE_SIZE = 16
+DEFAULT_PROBE_SIZE = 0.125  # an eighth of the batch rows (docs/probe_budget.md)
 _GROUP_KEYS = {"safestep_steps": 0, "safestep_skipped": 0}
+FREEZE_SCALE = 0.1  # an applied scale below this ...
+FREEZE_STEPS = 50  # ... for this many consecutive steps is reported as a frozen run (once per run as a warning)
+_PREFLIGHT_ROWS = 2
+_ROLLED_BACK = ("safestep: the step was rolled back: the parameters are restored to their values before the step "
+                "(θ0, bit for bit); the inner optimizer's state (moments, step counts) has advanced by this step")
+
+
+@dataclass(frozen=True)
+class _Schema:
+    """What the first step learned about the model's logits: classes K, row dimensions, masked (−inf) classes."""
+
+    classes: int
+    row_dims: int
+    masked: bool
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """A validated step: the probed rows of the batch, their labels (IGNORE_INDEX for ignored rows), the row count."""
+
+    inputs: Inputs | None
+    labels: Tensor | None
+    rows: int
 
 
 class SafeStep(torch.optim.Optimizer):
@@ -38,19 +65,33 @@ class SafeStep(torch.optim.Optimizer):
     as an unwrapped optimizer would (never scaled, skipped or restored): a read-only diagnostic.
 
     ``model`` is the network whose cross-entropy logits the step must keep analytic; a forward pre-hook
-    captures the inputs of its latest gradient-recording call, or pass ``step(inputs=x)``. ``bound`` is
+    captures its latest gradient-recording call (replayed exactly), or pass ``step(inputs=x)``. ``bound`` is
     "ghost" (π/Δ_a), "exact" (ρ*), "belief" (belief-space admissible step pulled back), a ``Bound`` or a list
-    (their minimum). ``method`` "auto" | "jvp" | "fd" chooses the slope estimator, ``probe_size`` the number
-    of batch rows probed (a fixed strided subset; None = all; batches normalized by train-mode BatchNorm are
-    always probed in full), ``aggregate`` "max" or a quantile q. ``param_groups``, ``state`` and ``defaults``
-    are the inner optimizer's, so schedulers, GradScaler, hooks and checkpoints work unchanged.
+    (their minimum); ``aggregate`` ("max" or a quantile q) applies to bounds given by name. ``method``
+    "auto" | "jvp" | "fd" chooses the slope estimator. ``probe_size`` is the probe's budget: a share of the batch
+    rows (default 1/8), a row count, or None for the whole batch (a full-batch certificate); batches normalized by
+    train-mode BatchNorm are always probed in full. ``probe_select`` chooses the rows: "mixed" (default) half the
+    budget on the rows the training forward's logits rank hardest, half on a stride rotated every step; "score" or
+    "stride" all of it on one rule (docs/probe_budget.md). Labels
+    (``step(labels=...)`` or ``labels_fn(batch)``) equal to ``ignore_index`` mark rows outside the loss.
+    ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's, so schedulers, GradScaler, hooks and
+    checkpoints work unchanged; other public attributes of the inner optimizer (``AdamWScheduleFree.train()``)
+    are reachable through the wrapper.
+
+    **All or nothing.** Everything checkable is checked before the inner step (the batch, the labels' type and
+    batch size, the probe rows; on the first step also the logits, K >= 2, the labels' range and forward-mode AD
+    support). An exception after the inner step (a model or ``logits_fn`` that raises, labels out of range, a
+    sink that cannot write, ...) restores the parameters to θ0 bit for bit and leaves counters, ``last_report``
+    and history as they were; the inner optimizer's state is *not* rolled back — copying it every step would
+    cost two more parameter-sized buffers for Adam — and the exception's note says so.
 
     Under torch.distributed (``process_group``, default: the default group when initialized) every rank probes
     its own batch and the radius and skip decisions are reduced across ranks, so every rank applies the same
-    scale (see ``safestep.distributed``). A DDP-wrapped model is probed through its bare ``.module``; sharded
-    (FSDP2 ``fully_shard``) parameters are probed by finite differences through the model's own forward; FSDP1
-    ``FullyShardedDataParallel`` is refused with a ValueError.
+    scale. A DDP-wrapped model is probed through its bare ``.module``; sharded (FSDP2 ``fully_shard``)
+    parameters are probed by finite differences through the model's own forward; FSDP1 is refused.
     """
+
+    _step_supports_amp_scaling = False  # GradScaler must unscale and check for infs itself, then call step()
 
     def __init__(
         self,
@@ -61,12 +102,12 @@ class SafeStep(torch.optim.Optimizer):
         mode: str = "cap",
         bound: BoundSpec = "ghost",
         method: str = "auto",
-        probe_size: int | None = DEFAULT_PROBE_SIZE,
-        aggregate: Aggregate = "max",
+        probe_size: ProbeSize = DEFAULT_PROBE_SIZE,
+        probe_select: str = "mixed",
+        aggregate: Aggregate | None = None,
         logits_fn: LogitsFn | None = None,
         labels_fn: Callable[[Inputs], Tensor] | None = None,
-        belief_rule: str = "paper",
-        belief_backoff: bool = True,
+        ignore_index: int = IGNORE_INDEX,
         capture: bool = True,
         history: int | None = 10_000,
         sinks: Iterable[ReportSink] = (),
@@ -76,16 +117,27 @@ class SafeStep(torch.optim.Optimizer):
             raise ValueError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
         if isinstance(optimizer, (SafeStep, torch.optim.LBFGS)):
             raise ValueError(f"SafeStep cannot wrap {type(optimizer).__name__} (it needs one update per step)")
+        accelerated = getattr(sys.modules.get("accelerate.optimizer"), "AcceleratedOptimizer", None)
+        if accelerated is not None and isinstance(optimizer, accelerated):
+            raise ValueError("wrap the optimizer before accelerator.prepare: accelerator.prepare(model, "
+                             "SafeStep(optimizer, model), ...); wrapped after, the guard would run on every "
+                             "gradient-accumulation micro-batch and see gradients before the GradScaler unscales them")
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
-        if not (isinstance(r, (int, float)) and math.isfinite(r) and r > 0):
+        if not (isinstance(r, (int, float)) and not isinstance(r, bool) and math.isfinite(r) and r > 0):
             raise ValueError(f"r must be a finite positive number, got {r!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-        if probe_size is not None and (isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1):
-            raise ValueError(f"probe_size must be a positive int or None (the whole batch), got {probe_size!r}")
+        check_probe_size(probe_size)
+        if probe_select not in SELECTIONS:
+            raise ValueError(f"probe_select must be one of {tuple(SELECTIONS)}, got {probe_select!r}")
+        if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+            raise ValueError(f"ignore_index must be an int, got {ignore_index!r}")
+        for name, fn in (("logits_fn", logits_fn), ("labels_fn", labels_fn)):
+            if fn is not None and not callable(fn):
+                raise ValueError(f"{name} must be callable or None, got {type(fn).__name__}")
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
         self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
@@ -99,21 +151,22 @@ class SafeStep(torch.optim.Optimizer):
         self.mode = mode
         self.method = method
         self.probe_size = probe_size
-        self.aggregate = check_aggregate(aggregate)
-        self.bound = make_bound(bound, self.aggregate, belief_rule=belief_rule, belief_backoff=belief_backoff)
+        self.probe_select = probe_select
+        self.bound = make_bound(bound, aggregate)
         self.labels_fn = labels_fn
+        self.ignore_index = ignore_index
         self.reducer = make_reducer(process_group)
-        self.sharded = is_sharded(model)
+        self.sharded = is_sharded(probe_module(model))
         if self.sharded and method == "jvp":
             raise ValueError("method='jvp' cannot probe sharded (FSDP) parameters; use method='auto' or 'fd'")
-        if self.reducer.active:
-            check_reducible(self.bound)
-        bare = probe_module(model)
-        self.probe = ShardedProbe(bare, logits_fn) if self.sharded else LogitProbe(bare, logits_fn)
-        self.capture = InputCapture(bare) if capture else None
+        self.probe = make_probe(model, logits_fn)
+        scorer = self._row_scores if capture and SELECTIONS[probe_select] > 0 else None
+        self.capture = InputCapture(probe_module(model), scorer) if capture else None
         self.history = History(history, sinks)
         self.last_report: StepReport | None = None
-        self._names = {id(p): name for name, p in bare.named_parameters()}
+        self._schema: _Schema | None = None
+        self._small_streak = 0  # consecutive applied steps with scale < FREEZE_SCALE
+        self._warned_frozen = False
         for group in optimizer.param_groups:
             self._check_params(group["params"])
             self._add_group_keys(group)
@@ -143,8 +196,16 @@ class SafeStep(torch.optim.Optimizer):
     def defaults(self, value: dict[str, Any]) -> None:
         self.optimizer.defaults = value
 
+    def __getattr__(self, name: str) -> Any:
+        """Public attributes of the inner optimizer that torch.optim does not define (``train()``, ``eval()``, ...)."""
+        optimizer = self.__dict__.get("optimizer")
+        if optimizer is None or name.startswith("_"):
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return getattr(optimizer, name)
+
     def _check_params(self, params: Iterable[Tensor]) -> None:
-        foreign = [p for p in params if id(p) not in self._names]
+        known = {id(p) for p in probe_module(self.model).parameters()}
+        foreign = [p for p in params if id(p) not in known]
         if foreign:
             shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3])
             raise ValueError(
@@ -199,8 +260,8 @@ class SafeStep(torch.optim.Optimizer):
         self.__dict__.update(state)
 
     def __repr__(self) -> str:
-        return (f"SafeStep(r={self.r}, mode={self.mode!r}, bound={self.bound.name!r}, method={self.method!r}, "
-                f"probe_size={self.probe_size}, aggregate={self.aggregate!r})\n{self.optimizer!r}")
+        return (f"SafeStep(r={self.r}, mode={self.mode!r}, bound={self.bound!r}, method={self.method!r}, "
+                f"probe_size={self.probe_size}, probe_select={self.probe_select!r})\n{self.optimizer!r}")
 
     # -- the guarded step ------------------------------------------------------------------------------------
     @property
@@ -216,125 +277,225 @@ class SafeStep(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        captured = self.capture.pop() if self.capture is not None else None
-        inputs = captured if inputs is None else inputs
-        params = [p for group in self.param_groups for p in group["params"]  # shards: the same list on every rank
-                  if (p.grad is not None or self.sharded) and p.is_floating_point()]
-        if params and inputs is None:
+        captured, scores = self.capture.take() if self.capture is not None else (None, None)
+        params = self._trainable()
+        try:
+            plan = self._plan(params, captured if inputs is None else inputs, labels, scores if inputs is None else None)
+            with torch.no_grad():
+                report = self._transaction(params, plan, start)
+        except BaseException:
+            if self.capture is not None:
+                self.capture.put_back(captured, scores)  # a failed step keeps the batch: step() can be called again
+            raise
+        for group in self.param_groups:
+            group["safestep_steps"] += 1
+            group["safestep_skipped"] += int(report.skipped)
+        self._small_streak = self._streak_after(report)
+        self.last_report = report
+        if self._small_streak >= FREEZE_STEPS and not self._warned_frozen:
+            self._warned_frozen = True
+            warnings.warn(f"safestep: the {report.bound!r} bound has kept every step below {FREEZE_SCALE} of its "
+                          f"proposed length for {self._small_streak} steps: training is all but frozen ({report.reason})",
+                          RuntimeWarning, stacklevel=2)
+        return loss
+
+    def _streak_after(self, report: StepReport) -> int:
+        """The run of consecutive applied steps shortened below FREEZE_SCALE, including ``report``."""
+        if report.skipped or report.scale >= FREEZE_SCALE:
+            return 0
+        return self._small_streak + 1
+
+    def _trainable(self) -> list[Tensor]:
+        """The parameters this step moves (the same list on every rank when sharded)."""
+        return [p for group in self.param_groups for p in group["params"]
+                if (p.grad is not None or self.sharded) and p.is_floating_point()]
+
+    # -- validation: before anything changes -------------------------------------------------------------------
+    def _plan(self, params: list[Tensor], batch: Inputs | None, labels: Tensor | None, scores: Tensor | None) -> _Plan:
+        if not params:
+            return _Plan(None, None, 0)
+        if batch is None:
             raise ValueError(
                 "SafeStep.step() has no batch to probe: call the model on the training batch (with gradients "
                 "enabled) before step(), or pass it explicitly: opt.step(inputs=x) "
                 "(a tuple for positional arguments, a dict for keyword arguments)"
             )
-        if labels is None and self.labels_fn is not None and inputs is not None:
-            labels = self.labels_fn(inputs)
-        with torch.no_grad():
-            report = self._guarded_update(params, inputs, labels)
-        report = StepReport(**{**report, "seconds": time.perf_counter() - start, "step": self.steps})
-        for group in self.param_groups:
-            group["safestep_steps"] += 1
-            group["safestep_skipped"] += int(report.skipped)
-        self.last_report = report
-        self.history.append(report)
-        return loss
+        rows_in_batch = batch_size(batch)
+        if labels is None and self.labels_fn is not None:
+            labels = self.labels_fn(as_batch(batch))
+        labels = None if labels is None else self._checked_labels(labels, rows_in_batch)
+        rows = None if self.probe.uses_batch_statistics() else choose_rows(
+            rows_in_batch, probe_count(rows_in_batch, self.probe_size), scores, self.steps, SELECTIONS[self.probe_select])
+        if rows is not None:
+            batch = take_rows(batch, rows, rows_in_batch)
+            labels = None if labels is None else labels.index_select(0, rows.to(labels.device))
+        plan = _Plan(batch, labels, rows_in_batch if rows is None else rows.numel())
+        if self._schema is None:
+            self._schema = self._preflight(params, plan)
+        elif labels is not None and labels.ndim != self._schema.row_dims:
+            raise ValueError(f"labels have {labels.ndim} dimension(s) but the model's logits have "
+                             f"{self._schema.row_dims} row dimension(s) (one label per logits row)")
+        return plan
 
-    def _guarded_update(self, params: list[Tensor], inputs: Inputs | None, labels: Tensor | None) -> dict[str, Any]:
-        name = self.bound.name
+    def _checked_labels(self, labels: Any, rows_in_batch: int) -> Tensor:
+        if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise ValueError(f"labels must be an integer tensor of class indices, got "
+                             f"{type(labels).__name__ if not isinstance(labels, Tensor) else labels.dtype}")
+        if labels.ndim == 0 or labels.shape[0] != rows_in_batch:
+            raise ValueError(f"labels have shape {tuple(labels.shape)} but the batch has {rows_in_batch} rows: give one "
+                             "label per logits row, batch first (ignore_index for rows outside the loss)")
+        if self.ignore_index != IGNORE_INDEX:
+            labels = labels.masked_fill(labels == self.ignore_index, IGNORE_INDEX)
+        return labels
+
+    def _preflight(self, params: list[Tensor], plan: _Plan) -> _Schema:
+        """First step only: call the probe on a few rows at θ0 to learn K and check labels, logits and AD support."""
+        count = min(_PREFLIGHT_ROWS, batch_size(plan.inputs))
+        rows = torch.arange(count)
+        inputs = plan.inputs if self.probe.uses_batch_statistics() else take_rows(plan.inputs, rows, batch_size(plan.inputs))
+        live = [local_tensor(p).detach() for p in params]
+        tangent = [torch.zeros_like(t) for t in live]
+        one = torch.ones((), dtype=torch.float64, device=live[0].device)
+        with self._probe_context():
+            slopes = probe_slopes(self.probe, params, Displacement(live, tangent, one, one), inputs, self.method)
+        logits = slopes.logits
+        if logits.shape[-1] < 2:
+            raise ValueError(f"the model's logits have K = {logits.shape[-1]} class(es) in their last dimension; "
+                             "cross-entropy over fewer than 2 classes is constant, there is no step to bound")
+        if plan.labels is not None:
+            labels = plan.labels if self.probe.uses_batch_statistics() else plan.labels.index_select(0, rows.to(plan.labels.device))
+            if tuple(labels.shape) != tuple(logits.shape[:-1]):
+                raise ValueError(f"labels have rows {tuple(plan.labels.shape)[1:]} per batch row but the logits have "
+                                 f"{tuple(logits.shape[1:-1])}: give one label per logits row")
+            valid = ((labels >= 0) & (labels < logits.shape[-1])) | (labels == IGNORE_INDEX)
+            if not bool(valid.all()):
+                raise ValueError(f"labels must be class indices in [0, {logits.shape[-1]}) or ignore_index "
+                                 f"{self.ignore_index}, got values in [{int(labels.min())}, {int(labels.max())}]")
+        return _Schema(logits.shape[-1], logits.ndim - 1, bool(torch.isneginf(logits).any()))
+
+    def _row_scores(self, call: CallArgs, output: object) -> Tensor:
+        """Row scores of a training forward (see ``probe.selection``), with labels from ``labels_fn`` if there is one."""
+        labels = None
+        if self.labels_fn is not None:
+            labels = self._checked_labels(self.labels_fn(as_batch(call)), batch_size(call))
+        return row_scores(extract_logits(output), labels)
+
+    def _probe_context(self) -> contextlib.AbstractContextManager:
+        return self.capture.paused() if self.capture is not None else contextlib.nullcontext()
+
+    # -- the transaction ------------------------------------------------------------------------------------------
+    def _transaction(self, params: list[Tensor], plan: _Plan, start: float) -> StepReport:
         if not params:
             self.optimizer.step()
-            return _record(0.0, math.inf, 1.0, name)
-        if self.reducer.any(not _all_finite([local_tensor(p.grad) for p in params if p.grad is not None])):
-            if self.mode == "monitor":
-                self.optimizer.step()
-                return _record(math.nan, math.nan, 1.0, name, reason="non-finite gradient: applied unmeasured (monitor)")
-            return _record(math.nan, math.nan, 0.0, name, skipped=True, reason="non-finite gradient: step skipped")
+            return self._report(start, 0.0, math.inf, 1.0, reason="no parameter has a gradient")
+        grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+        finite = self.reducer.min(gradients_finite(grads).to(torch.float64).reshape(1))
+        on_device = self.mode != "monitor" and _skips_on_device(self.optimizer)
+        if not on_device and not finite.item() > 0:  # host read 1 of 2 (none for optimizers that skip on device)
+            if self.mode != "monitor":
+                report = self._report(start, math.nan, math.nan, 0.0, skipped=True,
+                                      reason="non-finite gradient: step skipped")
+                self.history.append(report)
+                return report
+            finite = None  # monitor: applied as the inner optimizer does, unmeasured
         live = [local_tensor(p).detach() for p in params]
-        theta0 = [t.clone() for t in live]
-        self.optimizer.step()
-        direction = torch._foreach_sub(live, theta0)
-        tau_t, theta_norm = self._norms(direction, theta0)
-        tau = tau_t.item()
+        theta0 = snapshot(live)
+        try:
+            _inner_step(self.optimizer, finite if on_device else None)
+            if finite is None:
+                report = self._report(start, math.nan, math.nan, 1.0,
+                                      reason="non-finite gradient: applied unmeasured (monitor)")
+            else:
+                report = self._measured(params, live, theta0, plan, start, finite if on_device else None)
+            if self._streak_after(report) >= FREEZE_STEPS:
+                report = replace(report, reason=f"{report.reason}; frozen: scale < {FREEZE_SCALE} for "
+                                                f"{self._streak_after(report)} steps, set by the {report.bound} bound")
+            self.history.append(report)
+        except BaseException as error:
+            restore(live, theta0)
+            if hasattr(error, "add_note"):
+                error.add_note(_ROLLED_BACK)
+            raise
+        return report
+
+    def _measured(self, params: list[Tensor], live: list[Tensor], theta0: list[Tensor], plan: _Plan,
+                  start: float, finite_gradients: Tensor | None) -> StepReport:
+        step = displacement(live, theta0, self.reducer, self.sharded)
+        with self._probe_context():
+            slopes = probe_slopes(self.probe, params, step, plan.inputs, self.method)
+        assert self._schema is not None
+        found = radius(self.bound, slopes, plan.labels, step.tau, masked=self._schema.masked, reducer=self.reducer)
+        grads_ok = torch.ones(1, dtype=torch.float64) if finite_gradients is None else finite_gradients
+        read = [torch.stack([step.tau, found.rho, step.theta_norm]), found.flags, grads_ok.to(found.flags.device)]
+        if isinstance(found.binding, Tensor):
+            read.append(found.binding.reshape(1).to(torch.float64))
+        if found.tau_range is not None:
+            read.append(found.tau_range)
+        values = torch.cat(read).tolist()  # host read 2 of 2: the apply decision
+        tau, rho, theta_norm, broken, bad_labels, masked, gradients_ok = values[:7]
+        binding = int(values[7]) if isinstance(found.binding, Tensor) else 0
+        tau_low, tau_high = values[-2:] if found.tau_range is not None else (tau, tau)
+        if not gradients_ok > 0:  # the inner optimizer skipped its update on the device: nothing moved
+            restore(live, theta0)
+            return self._report(start, math.nan, math.nan, 0.0, skipped=True, reason="non-finite gradient: step skipped")
+        if masked and not self._schema.masked:  # −inf logits appeared: measure again over the live classes only
+            self._schema = replace(self._schema, masked=True)
+            found = radius(self.bound, slopes, plan.labels, step.tau, masked=True, reducer=self.reducer)
+            rho = float(found.rho)
+            binding = int(found.binding)
+        if bad_labels:
+            raise ValueError(f"labels must be class indices in [0, {slopes.logits.shape[-1]}) or ignore_index "
+                             f"{self.ignore_index}")
+        if tau_high - tau_low > 1e-6 * tau_high:
+            raise RuntimeError(
+                f"the update length τ differs across ranks ({tau_low:.6g} to {tau_high:.6g}): the parameters are not "
+                "replicated; wrap the model in DistributedDataParallel (averaged gradients) or shard it with FSDP2")
+        bound = list(leaves(self.bound))[binding].name
+        method, rows = slopes.method, plan.rows
+        note = f"{slopes.note}; " if slopes.note else ""
         if not math.isfinite(tau):
-            return self._uncertified(live, theta0, tau, name, "non-finite update")
+            return self._uncertified(live, theta0, start, tau, bound, method, rows, note + "non-finite update")
         if tau == 0.0:
-            return _record(0.0, math.inf, 1.0, name, reason="zero update")
-        torch._foreach_div_(direction, tau_t)
-        batch = batch_size(inputs)
-        rows = None if self.probe.uses_batch_statistics() else probe_rows(batch, self.probe_size)
-        probe_size = batch if rows is None else rows.numel()
-        slopes = self._probe(params, live, theta0, direction, theta_norm,
-                             inputs if rows is None else take_rows(inputs, rows, batch))
-        finite = bool(torch.isfinite(slopes.logits).all() and torch.isfinite(slopes.slopes).all())
-        if labels is not None and rows is not None:
-            labels = labels.index_select(0, rows.to(labels.device))
-        if self.reducer.active:
-            agreement = agree(self.bound, self.reducer, slopes if finite else None, labels, tau)
-            if not agreement.tau_agrees():
-                torch._foreach_copy_(live, theta0)
-                raise RuntimeError(
-                    f"the update length τ differs across ranks ({agreement.tau_min:.6g} to {agreement.tau_max:.6g}): "
-                    "the parameters are not replicated; wrap the model in DistributedDataParallel (averaged "
-                    "gradients) or shard it with FSDP2 (parameters restored to their value before the step)"
-                )
-            finite, rho = agreement.probe_ok, agreement.rho
-        if not finite:
-            return self._uncertified(live, theta0, tau, name, "non-finite probe output", slopes.method, probe_size)
-        if not self.reducer.active:
-            rho = float(self.bound(slopes.logits, slopes.slopes, labels))
-        scale, reason = self._scale(tau, rho)
-        if scale != 1.0:
-            torch._foreach_lerp_(live, theta0, 1.0 - scale)
-        return _record(tau, rho, scale, name, slopes.method, probe_size, reason=reason)
+            return self._report(start, 0.0, rho, 1.0, bound, method, rows, reason=note + "zero update")
+        if broken or not rho > 0:  # NaN, or 0 from a spread that overflowed
+            return self._uncertified(live, theta0, start, tau, bound, method, rows, note + "non-finite probe output")
+        scale, reason = scale_for(self.mode, self.r, tau, rho)
+        if self.mode != "monitor" and math.isfinite(rho):
+            scale = apply(live, step, scale, self.r * rho, tau, theta_norm, self.reducer, self.sharded)
+            if scale == 0.0:
+                return self._report(start, tau, rho, 0.0, bound, method, rows, skipped=True, reason=note +
+                                    "no step of length <= r·rho is representable at this precision: parameters restored")
+        return self._report(start, tau, rho, scale, bound, method, rows, reason=note + reason)
 
-    def _norms(self, direction: list[Tensor], theta0: list[Tensor]) -> tuple[Tensor, float]:
-        """τ = ‖Δθ‖ and ‖θ0‖; sharded: √(Σ_r ‖·_r‖²) over the ranks' shards (one all_reduce SUM)."""
-        if not self.sharded:
-            return _global_norm(direction), math.nan
-        squares = self.reducer.sum(torch.stack([_global_norm(direction), _global_norm(theta0)]) ** 2)
-        tau_t, theta_t = squares.sqrt()
-        return tau_t, theta_t.item()
-
-    def _probe(self, params: list[Tensor], live: list[Tensor], theta0: list[Tensor], direction: list[Tensor],
-               theta_norm: float, inputs: Inputs) -> Slopes:
-        with self.capture.paused() if self.capture is not None else contextlib.nullcontext():
-            if isinstance(self.probe, ShardedProbe):
-                h = torch.finfo(theta0[0].dtype).eps ** (1 / 3) * max(1.0, theta_norm)
-                return self.probe(live, theta0, direction, inputs, h)
-            names = [self._names[id(p)] for p in params]
-            return self.probe(dict(zip(names, theta0)), dict(zip(names, direction)), inputs, self.method)
-
-    def _uncertified(self, live: list[Tensor], theta0: list[Tensor], tau: float, bound: str, why: str,
-                     method: str = "none", probe_size: int = 0) -> dict[str, Any]:
+    def _uncertified(self, live: list[Tensor], theta0: list[Tensor], start: float, tau: float, bound: str, method: str,
+                     rows: int, why: str) -> StepReport:
         """A step no radius certifies: restored to θ0 and reported skipped (cap, set), or left applied (monitor)."""
         if self.mode == "monitor":
-            return _record(tau, math.nan, 1.0, bound, method, probe_size, reason=f"{why}: applied unmeasured (monitor)")
-        torch._foreach_copy_(live, theta0)
-        return _record(tau, math.nan, 0.0, bound, method, probe_size, skipped=True, reason=f"{why}: parameters restored")
+            return self._report(start, tau, math.nan, 1.0, bound, method, rows, reason=f"{why}: applied unmeasured (monitor)")
+        restore(live, theta0)
+        return self._report(start, tau, math.nan, 0.0, bound, method, rows, skipped=True, reason=f"{why}: parameters restored")
 
-    def _scale(self, tau: float, rho: float) -> tuple[float, str]:
-        if self.mode == "monitor":
-            return 1.0, ""
-        if math.isinf(rho):
-            return 1.0, "infinite radius: inner update applied unscaled"
-        target = self.r * rho / tau
-        if self.mode == "cap":
-            return (1.0, "") if target >= 1.0 else (target, "capped")
-        return target, ""
+    def _report(self, start: float, tau: float, rho: float, scale: float, bound: str | None = None,
+                method: str = "none", rows: int = 0, skipped: bool = False, reason: str = "") -> StepReport:
+        ratio = tau / rho if rho != 0 else (0.0 if tau == 0 else math.inf)
+        return StepReport(tau=tau, rho=rho, r_proposed=ratio, scale=scale, r_applied=0.0 if skipped else scale * ratio,
+                          bound=bound or self.bound.name, method=method, probe_size=rows, skipped=skipped,
+                          seconds=time.perf_counter() - start, step=self.steps, reason=reason)
 
 
-def _record(tau: float, rho: float, scale: float, bound: str, method: str = "none", probe_size: int = 0,
-            skipped: bool = False, reason: str = "") -> dict[str, Any]:
-    r = tau / rho if rho != 0 else (0.0 if tau == 0 else math.inf)
-    return dict(tau=tau, rho=rho, r=r, scale=scale, bound=bound, method=method, probe_size=probe_size,
-                skipped=skipped, seconds=0.0, reason=reason)
+def _skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """True for optimizers (fused Adam, AdamW, SGD, Adagrad) that skip their whole update, state included, when
+    their ``found_inf`` tensor is non-zero: the non-finite-gradient check then needs no host read."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and getattr(optimizer, "found_inf", None) is None
 
 
-def _global_norm(tensors: list[Tensor]) -> Tensor:
-    """‖(t_1, …, t_n)‖₂ over all tensors, accumulated in float64 on the first tensor's device."""
-    device = tensors[0].device
-    norms = torch._foreach_norm(tensors, 2, dtype=torch.float64)
-    return torch.linalg.vector_norm(torch.stack([n.to(device) for n in norms]))
-
-
-def _all_finite(tensors: list[Tensor]) -> bool:
-    return not tensors or bool(torch.isfinite(_global_norm(tensors)))
+def _inner_step(optimizer: torch.optim.Optimizer, finite: Tensor | None) -> None:
+    """optimizer.step(); with ``finite`` (1.0 = every gradient finite), the device-side skip is armed for the call."""
+    if finite is None:
+        optimizer.step()
+        return
+    optimizer.found_inf = (1.0 - finite).to(torch.float32).reshape(())
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf

@@ -1,4 +1,4 @@
-"""find_lr: the largest base learning rate λ whose warm-up steps all keep r = τ/ρ ≤ 1 (MATH_RADIUS.md §A2, §A5).
+"""find_lr: the largest base learning rate λ whose warm-up steps all keep r = τ/ρ ≤ 1 (docs/geometry.md, docs/step.md).
 
 For an optimizer whose update is linear in the learning rate given its state — SGD (with or without momentum,
 Nesterov, weight decay), Adam/AdamW, NAdam, RAdam, RMSprop, Adagrad: Δθ = λ·u — the step at LR λ has length
@@ -192,7 +192,7 @@ def find_lr(
     bound: BoundSpec = "ghost",
     method: str = "auto",
     probe_size: int | None = None,
-    aggregate: Aggregate = "max",
+    aggregate: Aggregate | None = None,
     seed: int = 0,
     progress: Progress | None = None,
 ) -> LRFinderResult:
@@ -311,9 +311,10 @@ class _RoundRunner:
             loss.backward()
             guard.step(inputs=inputs, labels=_class_labels(labels, logits))
             report = guard.last_report
-            unmeasured = math.isnan(report.r)  # the monitor applied a step no radius describes
-            lr_safe = math.nan if unmeasured else (lr / report.r if report.r > 0 else math.inf)
-            step = LRStep(index, t, lr, float(loss.detach()), report.tau, report.rho, report.r, lr_safe, unmeasured)
+            unmeasured = math.isnan(report.r_proposed)  # the monitor applied a step no radius describes
+            ratio = report.r_proposed
+            lr_safe = math.nan if unmeasured else (lr / ratio if ratio > 0 else math.inf)
+            step = LRStep(index, t, lr, float(loss.detach()), report.tau, report.rho, ratio, lr_safe, unmeasured)
             steps.append(step)
             if self.progress is not None:
                 self.progress(step)
@@ -393,9 +394,15 @@ def _positive(value: float) -> float:
 
 
 def _axes(ax: Any) -> Any:
+    """``ax``, or the Axes of a new standalone 7.5 × 4.5 in Figure (no pyplot state, no backend switch).
+
+    Such a figure is not shown by pyplot: save it with ``ax.figure.savefig(path)``, display ``ax.figure`` in a
+    notebook, or pass an Axes of your own (e.g. ``plt.gca()``).
+    """
     if ax is not None:
         return ax
-    import matplotlib.pyplot as plt
-
-    _, ax = plt.subplots(figsize=(7.5, 4.5))
-    return ax
+    try:
+        from matplotlib.figure import Figure
+    except ModuleNotFoundError as error:
+        raise ModuleNotFoundError("plotting needs matplotlib: pip install 'safestep[plot]'", name=error.name) from error
+    return Figure(figsize=(7.5, 4.5)).subplots()

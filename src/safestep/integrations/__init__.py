@@ -1,9 +1,12 @@
-"""Framework integrations (Lightning, Hugging Face): shared, framework-free helpers.
+"""Framework integrations (Lightning, Hugging Face, Accelerate): shared, framework-free helpers.
 
 The framework modules ``safestep.integrations.lightning`` and ``safestep.integrations.transformers`` import
 their framework at import time; this package itself imports neither, so ``import safestep`` never does.
-Every metric is derived from a ``StepReport``: τ, ρ, r = τ/ρ (the inner optimizer's step in radius units,
-before scaling), s, and r_applied = s·τ/ρ (the step actually applied, in radius units; at most the guard's r in cap mode).
+Accelerate needs no module: wrap the optimizer before ``accelerator.prepare``, reach the guard through the
+AcceleratedOptimizer with ``unwrap_safestep`` and log with ``telemetry.CallbackSink(accelerator.log)``.
+Every metric is derived from a ``StepReport`` (``report_metrics``, defined in ``safestep.telemetry``): τ, ρ,
+r_proposed = τ/ρ (the inner optimizer's step in radius units, before scaling), s, and r_applied = s·τ/ρ (the step
+actually applied, in radius units; at most the guard's r in cap mode).
 """
 from __future__ import annotations
 
@@ -11,11 +14,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..guard import SafeStep
-from ..telemetry import StepReport
+from ..telemetry import DEFAULT_PREFIX, StepReport, report_metrics
 
-__all__ = ["DEFAULT_PREFIX", "unwrap_safestep", "applied_ratio", "report_metrics", "interval_metrics", "reports_after"]
+__all__ = ["DEFAULT_PREFIX", "unwrap_safestep", "report_metrics", "interval_metrics", "reports_after"]
 
-DEFAULT_PREFIX = "safestep/"
 _MAX_WRAPPER_DEPTH = 8
 
 
@@ -36,26 +38,6 @@ def unwrap_safestep(optimizer: Any) -> SafeStep | None:
         else:
             optimizer = getattr(optimizer, "optimizer", None)
     return None
-
-
-def applied_ratio(report: StepReport) -> float:
-    """r_applied = s·τ/ρ: the applied step in units of the radius (0 when no step was applied)."""
-    if report.skipped or report.scale == 0.0:
-        return 0.0
-    return report.scale * report.r
-
-
-def report_metrics(report: StepReport, prefix: str = DEFAULT_PREFIX) -> dict[str, float]:
-    """{prefix+name: value} for τ, ρ, r = τ/ρ, s, r_applied = s·τ/ρ, capped (1 if s < 1) and skipped (1/0)."""
-    return {
-        prefix + "tau": report.tau,
-        prefix + "rho": report.rho,
-        prefix + "r": report.r,
-        prefix + "scale": report.scale,
-        prefix + "r_applied": applied_ratio(report),
-        prefix + "capped": float(not report.skipped and report.scale < 1.0),
-        prefix + "skipped": float(report.skipped),
-    }
 
 
 def interval_metrics(reports: Sequence[StepReport], prefix: str = DEFAULT_PREFIX) -> dict[str, float]:

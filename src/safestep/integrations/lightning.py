@@ -4,7 +4,8 @@ Return ``SafeStep(inner, self)`` (or a submodule) from ``configure_optimizers`` 
 to the Trainer. Lightning wraps the optimizer in a LightningOptimizer and calls ``SafeStep.step(closure)``
 (32-bit and bf16-mixed) or, with a GradScaler (16-mixed), ``scaler.unscale_(safestep)`` after the closure
 and ``scaler.step(safestep)`` without one; both paths run ``on_before_optimizer_step`` after the forward and
-backward and before SafeStep bounds the update, which is where the callback hands over a fallback batch.
+backward and before SafeStep bounds the update, which is where the callback hands over a fallback batch. With
+``accumulate_grad_batches`` the guard steps (and probes the last micro-batch) once per optimizer step.
 """
 from __future__ import annotations
 
@@ -19,9 +20,11 @@ from ..guard import SafeStep
 from ..probe import Inputs
 from . import DEFAULT_PREFIX, report_metrics, reports_after, unwrap_safestep
 
-__all__ = ["SafeStepCallback", "default_batch_to_inputs"]
+__all__ = ["SafeStepCallback", "default_batch_to_inputs", "PROGRESS_BAR_KEYS"]
 
 BatchFn = Callable[[Any], Any]
+PROGRESS_BAR_KEYS = ("r_applied", "capped")
+"""The metrics shown in the progress bar: the applied step in radius units and whether the guard shortened it."""
 
 
 def default_batch_to_inputs(batch: Any) -> Inputs:
@@ -37,18 +40,19 @@ def default_batch_to_inputs(batch: Any) -> Inputs:
 
 
 class SafeStepCallback(pl.Callback):
-    """Feed each training batch to the SafeStep optimizer(s) and log τ, ρ, r = τ/ρ, s, r_applied = s·τ/ρ, capped, skipped.
+    """Feed each training batch to the SafeStep optimizer(s) and log τ, ρ, r_proposed = τ/ρ, s, r_applied = s·τ/ρ, capped, skipped.
 
     Inputs probed: ``batch_to_inputs(batch)`` when given (passed as ``step(inputs=...)``, so it wins over the
     forward hook); otherwise the inputs the guard's forward hook captured, and when the hook saw no call
     (``training_step`` did not call the guarded model, or the guard has ``capture=False``)
     ``default_batch_to_inputs(batch)``. ``batch_to_labels(batch)``, when given, is passed as ``step(labels=...)``
-    (the belief bound uses labels). Metrics are logged after each batch that stepped a guard, as
-    ``{prefix}tau`` … (``{prefix}{i}/tau`` … with several guards), on_step only.
+    (used by every bound for ignored rows, and by the belief bound for its values). Metrics are logged after each
+    batch that stepped a guard, as ``{prefix}tau`` … (``{prefix}{i}/tau`` … with several guards), on_step only;
+    the progress bar shows ``PROGRESS_BAR_KEYS`` (r_applied and capped) unless ``prog_bar=False``.
     """
 
     def __init__(self, batch_to_inputs: BatchFn | None = None, batch_to_labels: BatchFn | None = None, *,
-                 prefix: str = DEFAULT_PREFIX, prog_bar: bool = False, log_metrics: bool = True) -> None:
+                 prefix: str = DEFAULT_PREFIX, prog_bar: bool = True, log_metrics: bool = True) -> None:
         for name, fn in (("batch_to_inputs", batch_to_inputs), ("batch_to_labels", batch_to_labels)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"{name} must be callable or None, got {type(fn).__name__}")
@@ -107,8 +111,13 @@ class SafeStepCallback(pl.Callback):
             self._last_step[id(guard)] = reports[-1].step
             if self.log_metrics:
                 prefix = self.prefix if len(self._guards) == 1 else f"{self.prefix}{index}/"
-                pl_module.log_dict(report_metrics(reports[-1], prefix), on_step=True, on_epoch=False,
-                                   prog_bar=self.prog_bar, batch_size=1)
+                self._log(pl_module, report_metrics(reports[-1], prefix), prefix)
+
+    def _log(self, pl_module: pl.LightningModule, metrics: dict[str, float], prefix: str) -> None:
+        """Log every metric to the loggers; show only PROGRESS_BAR_KEYS in the progress bar."""
+        bar = {prefix + key: metrics.pop(prefix + key) for key in PROGRESS_BAR_KEYS}
+        for group, shown in ((metrics, False), (bar, self.prog_bar)):
+            pl_module.log_dict(group, on_step=True, on_epoch=False, prog_bar=shown, batch_size=1)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Unhook the guards."""

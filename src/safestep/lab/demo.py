@@ -157,14 +157,12 @@ def format_table(result: DemoResult, markdown: bool = False) -> str:
 
 
 def _plot(result: DemoResult, handle: IO[bytes]) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
     cfg = result.config
     models = list(dict.fromkeys(m for m, _ in result.runs))
-    fig, axes = plt.subplots(3, len(models), figsize=(5.5 * len(models), 10), sharex=True, squeeze=False)
+    fig = Figure(figsize=(5.5 * len(models), 10))
+    axes = fig.subplots(3, len(models), sharex=True, squeeze=False)
     for col, model_name in enumerate(models):
         acc_ax, loss_ax, r_ax = axes[:, col]
         acc_ax.set_title(f"{_MODEL_TITLES.get(model_name, model_name)}: Adam, LR ×{cfg.spike_factor:g} spike")
@@ -176,7 +174,8 @@ def _plot(result: DemoResult, handle: IO[bytes]) -> None:
             suffix = f" (diverged at {run.diverged_at})" if run.diverged else ""
             acc_ax.plot([e.step for e in run.evals], [e.accuracy for e in run.evals], lw=1.6, label=method + suffix, **style)
             loss_ax.plot([s.step for s in run.steps], [s.loss for s in run.steps], lw=1.0, label=method, **style)
-            measured = [(s.step, s.r) for s in run.steps if s.r is not None and s.r > 0 and math.isfinite(s.r)]
+            proposed = [(s.step, s.r_proposed) for s in run.steps if s.r_proposed is not None]
+            measured = [(step, r) for step, r in proposed if r > 0 and math.isfinite(r)]
             if measured:
                 steps, ratios = zip(*measured)
                 r_ax.plot(steps, ratios, lw=1.0, label=_R_LABELS[method], **style)
@@ -199,7 +198,6 @@ def _plot(result: DemoResult, handle: IO[bytes]) -> None:
     )
     fig.tight_layout()
     fig.savefig(handle, format="png", dpi=110)
-    plt.close(fig)
 
 
 def _report_markdown(result: DemoResult) -> str:

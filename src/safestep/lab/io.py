@@ -1,29 +1,16 @@
-"""Output helpers for the lab: JSON-ready values and atomic file writes (no half-written results)."""
+"""Output helpers for the lab: atomic file writes (no half-written results) and the package's one JSON encoder,
+``json_ready``, re-exported from ``safestep.telemetry``."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable
 
+from ..telemetry import json_ready
+
 __all__ = ["json_ready", "write_atomically", "write_text", "write_json", "write_figure"]
-
-
-def json_ready(value: Any) -> Any:
-    """Recursively convert to JSON types; non-finite floats become "nan", "inf" or "-inf"."""
-    if hasattr(value, "item") and callable(value.item) and getattr(value, "ndim", 1) == 0:
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {str(k): json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    if hasattr(value, "tolist"):
-        return json_ready(value.tolist())
-    return value
 
 
 def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -52,10 +39,5 @@ def write_json(path: Path, payload: Any) -> Path:
 
 
 def write_figure(path: Path, figure: Any) -> Path:
-    """Atomically save a matplotlib figure as PNG and close it."""
-    import matplotlib.pyplot as plt
-
-    try:
-        return write_atomically(path, lambda h: figure.savefig(h, format="png", dpi=110, bbox_inches="tight"))
-    finally:
-        plt.close(figure)
+    """Atomically save a matplotlib ``Figure`` as PNG; no backend or pyplot state is touched."""
+    return write_atomically(path, lambda h: figure.savefig(h, format="png", dpi=110, bbox_inches="tight"))

@@ -17,10 +17,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from safestep.telemetry import StepReport
+
 from .data import Split
 
 __all__ = [
     "GUARDS",
+    "StepRule",
+    "Stepper",
+    "plain",
+    "clipped",
+    "adaptive_clipped",
+    "guarded",
+    "gradient_direction",
+    "rule_for",
     "LRSchedule",
     "OptimizerFactory",
     "StepRecord",
@@ -36,6 +46,10 @@ GUARDS = ("none", "clip", "agc", "safestep", "grad-proxy")
 SELF_MEASURING = ("safestep", "grad-proxy")  # guards that record τ, ρ and r themselves
 LRSchedule = Callable[[int], float]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+Stepper = Callable[[Tensor], "StepReport | None"]
+"""stepper(x): the post-backward part of a training step on batch x; returns the guard's report, if any."""
+StepRule = Callable[[nn.Module, torch.optim.Optimizer], "tuple[torch.optim.Optimizer, Stepper]"]
+"""rule(model, optimizer) -> (the optimizer whose LRs the schedule sets, the stepper)."""
 
 
 def constant_lr(lr: float) -> LRSchedule:
@@ -56,19 +70,35 @@ def lr_spike(base_lr: float, factor: float, start: int, stop: int) -> LRSchedule
 
 @dataclass
 class StepRecord:
-    """One training step: LR used, minibatch loss before the update and, when measured, the guard's numbers.
+    """One training step: the LR used, the minibatch loss before the update and, when measured, the guard's report.
 
-    tau = ‖Δθ‖ proposed by the optimizer, rho = the bound along Δθ, r = tau/rho, scale = factor applied to Δθ.
+    ``tau``, ``rho``, ``r_proposed`` = τ/ρ, ``scale`` and ``r_applied`` = s·τ/ρ are read from the report (None when
+    the step was not measured); ``skipped`` says whether the parameters were left at θ0.
     """
 
     step: int
     lr: float
     loss: float
-    tau: float | None = None
-    rho: float | None = None
-    r: float | None = None
-    scale: float | None = None
-    skipped: bool = False
+    report: StepReport | None = None
+
+    def _field(self, name: str) -> Any:
+        return None if self.report is None else getattr(self.report, name)
+
+    tau = property(lambda self: self._field("tau"), doc="‖Δθ‖ proposed by the optimizer")
+    rho = property(lambda self: self._field("rho"), doc="the radius along Δθ")
+    r_proposed = property(lambda self: self._field("r_proposed"), doc="τ/ρ before scaling")
+    scale = property(lambda self: self._field("scale"), doc="the factor applied to Δθ")
+    r_applied = property(lambda self: self._field("r_applied"), doc="s·τ/ρ, the applied step in radius units")
+    r = r_proposed  # transitional alias of r_proposed for the experiments' series("r")
+    skipped = property(lambda self: bool(self.report is not None and self.report.skipped), doc="left at θ0")
+
+    def to_dict(self) -> dict[str, Any]:
+        """step, lr, loss and the report's fields, flat."""
+        return {"step": self.step, "lr": self.lr, "loss": self.loss,
+                **({} if self.report is None else self.report.as_dict())}
+
+
+SERIES = ("lr", "loss", "tau", "rho", "r_proposed", "r", "scale", "r_applied")
 
 
 @dataclass
@@ -94,8 +124,8 @@ class TrainResult:
 
     @property
     def max_r(self) -> float | None:
-        """max_t τ_t/ρ_t over the measured steps (None when r was not measured)."""
-        values = [s.r for s in self.steps if s.r is not None and not math.isnan(s.r)]
+        """max_t τ_t/ρ_t (proposed) over the measured steps (None when r was not measured)."""
+        values = [s.r_proposed for s in self.steps if s.r_proposed is not None and not math.isnan(s.r_proposed)]
         return max(values) if values else None
 
     @property
@@ -109,15 +139,16 @@ class TrainResult:
         return sum(1 for s in self.steps if s.skipped)
 
     def series(self, name: str, length: int) -> list[float]:
-        """StepRecord field ``name`` per step 0..length−1 as floats; NaN where unmeasured or after the run stopped."""
-        if name not in StepRecord.__dataclass_fields__:
-            raise ValueError(f"unknown step field {name!r}; choose one of {list(StepRecord.__dataclass_fields__)}")
+        """StepRecord value ``name`` per step 0..length−1 as floats; NaN where unmeasured or after the run stopped."""
+        if name not in SERIES:
+            raise ValueError(f"unknown step field {name!r}; choose one of {SERIES}")
         values = [getattr(s, name) for s in self.steps[:length]]
         return [math.nan if v is None else float(v) for v in values] + [math.nan] * (length - len(values))
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-ready dict (non-finite floats stay floats; serialise with allow_nan or convert them)."""
-        return {**asdict(self), "max_r": self.max_r, "steps_capped": self.steps_capped, "steps_skipped": self.steps_skipped}
+        return {**{k: v for k, v in asdict(self).items() if k != "steps"}, "steps": [s.to_dict() for s in self.steps],
+                "max_r": self.max_r, "steps_capped": self.steps_capped, "steps_skipped": self.steps_skipped}
 
 
 @torch.no_grad()
@@ -140,50 +171,100 @@ def _minibatches(n: int, batch_size: int, generator: torch.Generator) -> Iterato
         yield from torch.randperm(n, generator=generator).split(batch_size)
 
 
-def _wrap_in_guard(optimizer: torch.optim.Optimizer, model: nn.Module, options: Mapping[str, Any]) -> torch.optim.Optimizer:
+def _monitored(optimizer: torch.optim.Optimizer, model: nn.Module, monitor: Mapping[str, Any] | None) -> torch.optim.Optimizer:
+    """The optimizer, wrapped in a read-only SafeStep (mode="monitor") when ``monitor`` gives its options."""
+    if monitor is None:
+        return optimizer
     from safestep.guard import SafeStep
 
-    return SafeStep(optimizer, model, **{"r": 1.0, "mode": "cap", **options})
+    return SafeStep(optimizer, model, **{**monitor, "mode": "monitor"})
 
 
-def _monitor_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The guard options of a read-only SafeStep: same bound, estimator and probe rows; nothing is scaled."""
-    return {key: value for key, value in options.items() if key not in ("r", "mode")} | {"mode": "monitor"}
+def _gradient_rule(transform: Callable[[nn.Module], None] | None, monitor: Mapping[str, Any] | None) -> StepRule:
+    """A rule that transforms the gradients (or not), then lets the (optionally monitored) optimizer step."""
+
+    def rule(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, Stepper]:
+        stepping = _monitored(optimizer, model, monitor)
+
+        def step(inputs: Tensor) -> StepReport | None:
+            if transform is not None:
+                transform(model)
+            if monitor is None:
+                stepping.step()
+                return None
+            stepping.step(inputs=inputs)
+            return stepping.last_report
+
+        return stepping, step
+
+    return rule
 
 
-def _report_fields(report: Any) -> dict[str, Any]:
-    return {
-        "tau": float(report.tau),
-        "rho": float(report.rho),
-        "r": float(report.r),
-        "scale": float(report.scale),
-        "skipped": bool(report.skipped),
-    }
+def plain(monitor: Mapping[str, Any] | None = None) -> StepRule:
+    """θ ← θ + Δθ (the optimizer's own step); ``monitor`` = SafeStep options to record τ, ρ and r without changing it."""
+    return _gradient_rule(None, monitor)
 
 
-def _make_update(
-    optimizer: torch.optim.Optimizer, model: nn.Module, guard: str, clip_norm: float,
-    options: Mapping[str, Any], monitored: bool,
-) -> Callable[[Tensor], dict[str, Any]]:
-    """The post-backward part of a step, as update(x) -> the StepRecord fields it measured."""
-    from .baselines import GradientDirectionController, adaptive_grad_clip_
+def clipped(max_norm: float = 1.0, monitor: Mapping[str, Any] | None = None) -> StepRule:
+    """``clip_grad_norm_(max_norm)`` before the optimizer's step (optionally monitored)."""
+    return _gradient_rule(lambda model: torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm), monitor)
 
-    controller = GradientDirectionController(model, **options) if guard == "grad-proxy" else None
 
-    def update(inputs: Tensor) -> dict[str, Any]:
-        if guard == "clip":
-            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)
-        if guard == "agc":
-            adaptive_grad_clip_(model.parameters(), **options)
-        if guard == "safestep" or monitored:
-            optimizer.step(inputs=inputs)
-            return _report_fields(optimizer.last_report)
-        if controller is not None:
-            return controller.step(optimizer, inputs)
-        optimizer.step()
-        return {}
+def adaptive_clipped(monitor: Mapping[str, Any] | None = None, **agc_options: float) -> StepRule:
+    """``adaptive_grad_clip_(params, **agc_options)`` (AGC) before the optimizer's step (optionally monitored)."""
+    from .baselines import adaptive_grad_clip_
 
-    return update
+    return _gradient_rule(lambda model: adaptive_grad_clip_(model.parameters(), **agc_options), monitor)
+
+
+def guarded(**options: Any) -> StepRule:
+    """``SafeStep(optimizer, model, r=1, mode="cap", **options)``: the guard bounds every step."""
+
+    def rule(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, Stepper]:
+        from safestep.guard import SafeStep
+
+        guard = SafeStep(optimizer, model, **{"r": 1.0, "mode": "cap", **options})
+
+        def step(inputs: Tensor) -> StepReport | None:
+            guard.step(inputs=inputs)
+            return guard.last_report
+
+        return guard, step
+
+    return rule
+
+
+def gradient_direction(**options: Any) -> StepRule:
+    """The paper code's controller (``GradientDirectionController(model, **options)``): lr_eff = min(lr, ρ_g/‖g‖)."""
+
+    def rule(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, Stepper]:
+        from .baselines import GradientDirectionController
+
+        controller = GradientDirectionController(model, **options)
+        return optimizer, lambda inputs: controller.step(optimizer, inputs)
+
+    return rule
+
+
+def rule_for(guard: str | None, guard_options: Mapping[str, Any] | None = None, clip_norm: float = 1.0,
+             monitor: bool = False) -> StepRule:
+    """The step rule of the legacy ``train(guard=..., guard_options=..., monitor=...)`` arguments (transitional)."""
+    guard = "none" if guard is None else guard
+    if guard not in GUARDS:
+        raise ValueError(f"unknown guard {guard!r}; choose one of {GUARDS}")
+    if monitor and guard in SELF_MEASURING:
+        raise ValueError(f"monitor=True measures unguarded runs; a {guard!r} run already records τ, ρ and r")
+    options = dict(guard_options or {})
+    watch = {k: v for k, v in options.items() if k not in ("r", "mode")} if monitor else None
+    if guard == "safestep":
+        return guarded(**options)
+    if guard == "grad-proxy":
+        return gradient_direction(**options)
+    if guard == "clip":
+        return clipped(clip_norm, watch)
+    if guard == "agc":
+        return adaptive_clipped(watch, **options)
+    return plain(watch)
 
 
 def train(
@@ -200,32 +281,22 @@ def train(
     monitor: bool = False,
     eval_every: int = 0,
     progress: Callable[[StepRecord], None] | None = None,
+    rule: StepRule | None = None,
 ) -> TrainResult:
-    """Minimise mean CE(model(x), y) over ``steps`` minibatch steps; θ ← θ + s·Δθ with s = 1 unless guarded.
+    """Minimise mean CE(model(x), y) over ``steps`` minibatch steps; after each backward, ``rule`` updates θ.
 
-    guard: None/"none" (plain), "clip" (``clip_grad_norm_(clip_norm)`` before the step), "agc"
-    (``adaptive_grad_clip_(params, **guard_options)`` before the step), "safestep"
-    (``SafeStep(optimizer, model, r=1, mode="cap", **guard_options)``) or "grad-proxy" (the paper code's
-    ``GradientDirectionController(model, **guard_options)``: lr_eff = min(lr, ρ_g/‖g‖), ρ_g along −g).
-    With ``monitor=True`` a plain or clipped run also records τ, ρ and r = τ/ρ of every applied step (same
-    probe and bound as the guard, ``guard_options`` passed to it; the step itself is untouched).
-    lr_schedule(t) sets every param group's LR before step t (None keeps the optimizer's LR).
-    eval_every > 0 also records test metrics before training and every that many steps; the final metrics are
-    always recorded.
+    ``rule`` is a step rule (``plain()``, ``clipped()``, ``adaptive_clipped()``, ``guarded()``,
+    ``gradient_direction()``); the legacy ``guard``/``guard_options``/``clip_norm``/``monitor`` arguments build
+    one with ``rule_for`` and cannot be combined with it. lr_schedule(t) sets every param group's LR before step t
+    (None keeps the optimizer's LR). eval_every > 0 also records test metrics before training and every that many
+    steps; the final metrics are always recorded.
     """
-    guard = "none" if guard is None else guard
-    if guard not in GUARDS:
-        raise ValueError(f"unknown guard {guard!r}; choose one of {GUARDS}")
     if steps < 0 or batch_size < 1 or eval_every < 0:
         raise ValueError(f"need steps >= 0, batch_size >= 1, eval_every >= 0; got {steps}, {batch_size}, {eval_every}")
-    if monitor and guard in SELF_MEASURING:
-        raise ValueError(f"monitor=True measures unguarded runs; a {guard!r} run already records τ, ρ and r")
-
-    options = dict(guard_options or {})
-    optimizer = optimizer_factory(model.parameters())
-    if guard == "safestep" or monitor:
-        optimizer = _wrap_in_guard(optimizer, model, _monitor_options(options) if monitor else options)
-    update = _make_update(optimizer, model, guard, clip_norm, options, monitor)
+    if rule is not None and (guard is not None or guard_options is not None or monitor):
+        raise ValueError("give either rule= or the legacy guard=/guard_options=/monitor= arguments, not both")
+    rule = rule_for(guard, guard_options, clip_norm, monitor) if rule is None else rule
+    optimizer, update = rule(model, optimizer_factory(model.parameters()))
 
     generator = torch.Generator().manual_seed(seed)
     batches = _minibatches(len(data.y_train), batch_size, generator)
@@ -251,8 +322,7 @@ def train(
             break
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        for key, value in update(x).items():
-            setattr(record, key, value)
+        record.report = update(x)
         result.steps.append(record)
         if eval_every and (step + 1) % eval_every == 0:
             result.evals.append(EvalRecord(step + 1, *evaluate(model, data.x_test, data.y_test)))

@@ -1,0 +1,30 @@
+"""Probes: directional logit derivatives a = J_z(θ0)·v of a model along a proposed update (docs/geometry.md).
+
+``inputs`` replays the batch (capture, call forms, row subsets), ``dense`` probes a model functionally (JVP or
+finite differences), ``sharded`` probes FSDP2 parameters in place; both follow the ``Probe`` protocol of ``base``.
+"""
+from .base import METHODS, Displacement, Probe, Slopes, fd_step, is_missing_forward_ad, probe_dtype
+from .dense import LogitProbe, check_logits, logits_of, require_forward
+from .selection import SELECTIONS, ProbeSize, check_probe_size, choose_rows, probe_count, row_scores
+from .inputs import (
+    CallArgs,
+    InputCapture,
+    as_batch,
+    Inputs,
+    LogitsFn,
+    batch_size,
+    call_model,
+    default_logits_fn,
+    extract_logits,
+    map_tensors,
+    take_rows,
+    tensor_leaves,
+)
+
+__all__ = [
+    "METHODS", "Displacement", "Probe", "Slopes", "fd_step", "is_missing_forward_ad", "probe_dtype",
+    "LogitProbe", "check_logits", "logits_of", "require_forward",
+    "CallArgs", "InputCapture", "as_batch", "Inputs", "LogitsFn", "batch_size", "call_model", "default_logits_fn",
+    "extract_logits", "map_tensors", "take_rows", "tensor_leaves",
+    "SELECTIONS", "ProbeSize", "check_probe_size", "choose_rows", "probe_count", "row_scores",
+]

@@ -1,0 +1,280 @@
+"""Directional logit derivatives a = J_z(θ0)·v of a model with its parameters substituted functionally.
+
+The probe evaluates the *same function that is trained*, at the parameters it is given, with no side effects:
+
+* parameters are substituted for the duration of the probe's forward only (the module's own tensors are put
+  back untouched, tied parameters are substituted everywhere they appear);
+* batch norms keep their mode: in train mode they use the probe batch's statistics, and their running
+  statistics are cloned inside the probe so the module's buffers never change;
+* the network is probed deterministically: every module except norms and torch's transformer layers is put
+  in eval mode for the duration of the probe (dropout modules, RReLU, and attention dropout that a module reads
+  from its own ``training`` flag), and ``nn.MultiheadAttention`` dropout is set to 0 (a dropout call whose
+  probability ignores ``training`` cannot be seen; the RNG is forked, so even then the training random stream
+  is never consumed);
+* no autograd state is left behind: no ``.grad`` changes, no graph and no open forward-AD level, no reference
+  cycles;
+* the JVP runs with the math attention kernel (flash / memory-efficient kernels have no forward-AD rule);
+* half-precision models (bf16/fp16 parameters) are probed in float32: parameters, floating buffers and floating
+  inputs are upcast for the probe, so the slopes are those of the model's exact-arithmetic function.
+
+Estimators: ``"jvp"`` (forward-mode AD through dual tensors, exact), ``"fd"`` (central difference
+(z(θ0 + hv) − z(θ0 − hv))/2h with the step rule ``fd_step``, logits taken as the midpoint average), ``"auto"``
+(the JVP; when, and only when, an operation has no forward-mode AD rule, finite differences from then on, with a
+warning once and the reason in the slopes' ``note``).
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+
+import torch
+from torch import Tensor, nn
+from torch.autograd import forward_ad
+from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
+
+from .base import METHODS, Displacement, Slopes, fd_step, is_missing_forward_ad, probe_dtype
+from .inputs import Inputs, LogitsFn, as_batch, default_logits_fn, map_tensors
+
+__all__ = ["LogitProbe", "check_logits", "logits_of", "require_forward"]
+
+# Modules kept in their training mode during the probe: eval mode would change the function (norms using batch
+# statistics) or switch torch's transformer layers to fused kernels that have no forward-AD rule. Every other
+# module is put in eval mode (no dropout masks, including attention dropout read from ``self.training``), and
+# nn.MultiheadAttention's dropout probability is zeroed instead.
+_KEEP_MODE = (_NormBase, nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+              nn.TransformerEncoder, nn.TransformerDecoder)
+_HALF = (torch.bfloat16, torch.float16)
+
+TensorDict = dict[str, Tensor]
+
+
+def require_forward(model: nn.Module, logits_fn: LogitsFn | None) -> None:
+    """Raise ValueError when the model cannot be called (no ``forward``) and no ``logits_fn`` says how to probe it."""
+    if logits_fn is None and type(model).forward is nn.Module.forward:
+        raise ValueError(
+            f"{type(model).__name__} has no forward(), so SafeStep cannot call it to probe the logits (a LightningModule "
+            "whose training_step calls a submodule, say self.net). Pass the network that produces the logits, "
+            "SafeStep(optimizer, self.net) (the optimizer must optimize its parameters), or say how to get them: "
+            "logits_fn=lambda model, inputs: model.net(inputs)"
+        )
+
+
+def logits_of(model: nn.Module, inputs: Inputs, logits_fn: LogitsFn | None) -> Tensor:
+    """The logits of one probe call: the captured call replayed exactly, or ``logits_fn(model, as_batch(inputs))``."""
+    if logits_fn is None:
+        return default_logits_fn(model, inputs)
+    return logits_fn(model, as_batch(inputs))
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _attention_context() -> contextlib.AbstractContextManager:
+    try:
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+    except ImportError:  # torch < 2.3 has no kernel selector; its math path is the default on CPU
+        return contextlib.nullcontext()
+    return sdpa_kernel(SDPBackend.MATH)
+
+
+def check_logits(logits: object) -> Tensor:
+    """``logits`` if it is a floating (B, K) or (B, T, V) tensor; ValueError otherwise."""
+    if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.ndim < 2:
+        raise ValueError("logits_fn must return a floating tensor of shape (B, K) or (B, T, V)")
+    return logits
+
+
+class LogitProbe:
+    """Directional logit derivatives of one dense model: ``along(params, step, inputs, method)`` -> Slopes.
+
+    ``probe(params, direction, inputs, method)`` is the same measurement for named tensors and a given direction.
+    """
+
+    def __init__(self, model: nn.Module, logits_fn: LogitsFn | None = None) -> None:
+        require_forward(model, logits_fn)
+        self.model = model
+        self.logits_fn = logits_fn
+        self._params = list(model.parameters())
+        self._places = _tensor_places(model)
+        modules = list(model.named_modules())
+        self._switchable = [m for _, m in modules if not isinstance(m, _KEEP_MODE)]
+        self._attention = [m for _, m in modules if isinstance(m, nn.MultiheadAttention)]
+        self._norms = [(name, m) for name, m in modules if isinstance(m, _NormBase)]
+        self._batch_norms = [m for _, m in self._norms if isinstance(m, _BatchNorm)]
+        self._names = {p: name for name, p in model.named_parameters()}  # keyed by the parameter: survives copies
+        self.fallback = ""  # why "auto" uses finite differences; empty while the JVP works
+
+    def uses_batch_statistics(self) -> bool:
+        """True when a batch norm normalizes with batch statistics (the batch rows are then coupled)."""
+        return any(m.training or m.running_mean is None for m in self._batch_norms)
+
+    def names(self, params: Sequence[Tensor]) -> list[str]:
+        """The model's names of ``params`` (ValueError for a tensor that is not one of its parameters)."""
+        try:
+            return [self._names[p] for p in params]
+        except KeyError:
+            raise ValueError("a tensor to probe is not a parameter of the probed model") from None
+
+    # -- the two entry points ----------------------------------------------------------------------------------
+    def along(self, params: Sequence[Tensor], step: Displacement, inputs: Inputs, method: str) -> Slopes:
+        """a = J_z(θ0)·Δθ/τ; ``params`` are the live parameters (holding θ1 = θ0 + Δθ), in ``step``'s order."""
+        names = self.names(params)
+        theta0 = dict(zip(names, step.theta0))
+
+        def fd_point(weight: Tensor) -> TensorDict:  # θ0 + w·Δθ as lerp(θ0, θ1, w), in the probe dtype
+            dtype = self._compute_dtype(theta0)
+            start = [t.to(dtype) for t in step.theta0]
+            return dict(zip(names, torch._foreach_lerp(start, [p.detach().to(dtype) for p in params], weight)))
+
+        def finite_difference() -> Slopes:
+            h = fd_step(step.theta_norm, step.theta0[0].dtype)
+            return self._central_difference(fd_point, h / step.tau, h, inputs)
+
+        return self._measure(theta0, dict(zip(names, step.delta)), 1.0 / step.tau, finite_difference, inputs, method)
+
+    def __call__(self, params: TensorDict, direction: TensorDict, inputs: Inputs, method: str = "auto") -> Slopes:
+        """a = J_z(θ0)·v at ``params`` (θ0 by name) along ``direction`` (v, same names; unit norm for slopes per unit τ).
+
+        Parameters not named in ``params`` keep their current value and have zero tangent.
+        """
+        if params.keys() != direction.keys():
+            raise ValueError("params and direction must name the same tensors")
+        mismatched = [name for name, theta in params.items() if direction[name].shape != theta.shape]
+        if mismatched:
+            raise ValueError(f"direction and params differ in shape for {', '.join(mismatched[:3])}")
+        names = list(params)
+        theta = [params[n] for n in names]
+        v = [direction[n] for n in names]
+
+        def fd_point(weight: float) -> TensorDict:
+            dtype = self._compute_dtype(params)
+            return dict(zip(names, torch._foreach_add([t.to(dtype) for t in theta], [t.to(dtype) for t in v], alpha=weight)))
+
+        def finite_difference() -> Slopes:
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(theta, 2, dtype=torch.float64)))
+            h = float(fd_step(norm, theta[0].dtype))
+            return self._central_difference(fd_point, h, h, inputs)
+
+        return self._measure(params, direction, 1.0, finite_difference, inputs, method)
+
+    # -- estimators ---------------------------------------------------------------------------------------------
+    def _measure(self, theta: TensorDict, tangent: TensorDict, tangent_scale: Tensor | float,
+                 finite_difference: Callable[[], Slopes], inputs: Inputs, method: str) -> Slopes:
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        with self.deterministic(), torch.no_grad():
+            if method == "fd" or (method == "auto" and self.fallback):
+                return finite_difference()
+            try:
+                return self._jvp(theta, tangent, tangent_scale, inputs)
+            except (NotImplementedError, RuntimeError) as error:
+                if not is_missing_forward_ad(error):
+                    raise
+                reason = str(error).strip().splitlines()[0]
+                if method == "jvp":
+                    raise ValueError(f"method='jvp' cannot probe this model: {reason}; use method='auto' (finite "
+                                     "differences where forward-mode AD is missing) or method='fd'") from error
+                self.fallback = reason
+            warnings.warn(f"safestep: an operation of {type(self.model).__name__} has no forward-mode AD rule "
+                          f"({reason}); method='auto' uses central finite differences from now on",
+                          RuntimeWarning, stacklevel=4)
+            slopes = finite_difference()
+            return Slopes(slopes.logits, slopes.slopes, "fd", f"no forward-mode AD rule ({reason}): finite differences")
+
+    def _jvp(self, theta: TensorDict, tangent: TensorDict, tangent_scale: Tensor | float, inputs: Inputs) -> Slopes:
+        dtype = self._compute_dtype(theta)
+        with _attention_context(), forward_ad.dual_level():
+            duals = {n: forward_ad.make_dual(_as(t, dtype), _as(tangent[n], dtype)) for n, t in theta.items()}
+            logits, slopes = forward_ad.unpack_dual(self._logits(duals, inputs, dtype))
+        if slopes is None:
+            return Slopes(logits, torch.zeros_like(logits), "jvp")
+        return Slopes(logits, slopes * tangent_scale, "jvp")
+
+    def _central_difference(self, point: Callable[[Tensor | float], TensorDict], weight: Tensor | float,
+                            h: Tensor | float, inputs: Inputs) -> Slopes:
+        """(z(θ0 + hv) − z(θ0 − hv))/2h; ``point(w)`` builds the parameters at θ0 + w·(tangent), one at a time."""
+        plus = self._logits(point(weight), inputs)
+        minus = self._logits(point(-weight), inputs)
+        return Slopes((plus + minus) / 2, (plus - minus) / (2 * h), "fd")
+
+    # -- evaluation -------------------------------------------------------------------------------------------
+    def _compute_dtype(self, tensors: TensorDict) -> torch.dtype:
+        """The probe dtype: float32 when any probed or model tensor is half precision, else the narrowest dtype."""
+        narrowest = min((t.dtype for t in (*tensors.values(), *self._params) if t.is_floating_point()),
+                        key=lambda d: torch.finfo(d).bits, default=torch.float32)
+        return probe_dtype(narrowest)
+
+    def _logits(self, tensors: TensorDict, inputs: Inputs, dtype: torch.dtype | None = None) -> Tensor:
+        """z at the given tensors (others at their live values), in ``dtype`` (default: the probe dtype)."""
+        dtype = dtype or self._compute_dtype(tensors)
+        state = {name: t if t.dtype == dtype else t.to(dtype) for name, t in tensors.items()}
+        if any(p.dtype in _HALF for p in self._params):  # every half-precision tensor is probed in float32
+            for name, t in [*self.model.named_parameters(), *self.model.named_buffers()]:
+                if t.dtype in _HALF:
+                    state.setdefault(name, t.detach().to(dtype))
+            inputs = map_tensors(inputs, lambda t: t.to(dtype) if t.dtype in _HALF else t)
+        for name, m in self._norms:  # running statistics are cloned so the module's buffers never change
+            if m.training and m.track_running_stats:
+                for buf_name, buf in m.named_buffers(recurse=False):
+                    key = f"{name}.{buf_name}" if name else buf_name
+                    state[key] = state[key].clone() if key in state else buf.clone()
+        if not state.keys() <= self._places.keys():  # a tensor registered after construction
+            self._places = _tensor_places(self.model)
+        with _substituted(self._places, state):
+            return check_logits(logits_of(self.model, inputs, self.logits_fn))
+
+    @contextlib.contextmanager
+    def deterministic(self) -> Iterator[None]:
+        """Within the block the model is its deterministic self: no dropout, and the RNG streams are untouched."""
+        switched = [m for m in self._switchable if m.training]
+        attention = [(m, m.dropout) for m in self._attention]
+        cuda = sorted({p.device.index or 0 for p in self._params if p.device.type == "cuda"})
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(device) for device in cuda]
+        try:
+            for m in switched:
+                m.training = False
+            for m, _ in attention:
+                m.dropout = 0.0
+            yield
+        finally:
+            for m in switched:
+                m.training = True
+            for m, p in attention:
+                m.dropout = p
+            torch.set_rng_state(cpu_state)
+            for device, state in zip(cuda, cuda_states):
+                torch.cuda.set_rng_state(state, device)
+
+
+Places = dict[str, list[tuple[dict, str]]]
+
+
+def _tensor_places(model: nn.Module) -> Places:
+    """For every parameter and buffer name (as ``named_parameters``/``named_buffers`` give it), each
+    (module._parameters or module._buffers, attribute) slot that holds that tensor: tied tensors hold several."""
+    names = {id(t): name for name, t in (*model.named_parameters(), *model.named_buffers())}
+    places: Places = {name: [] for name in names.values()}
+    for module in model.modules():
+        for table in (module._parameters, module._buffers):
+            for attr, tensor in table.items():
+                if tensor is not None and id(tensor) in names:
+                    places[names[id(tensor)]].append((table, attr))
+    return places
+
+
+@contextlib.contextmanager
+def _substituted(places: Places, state: TensorDict) -> Iterator[None]:
+    """The model with ``state``'s tensors in place of its own (by name) inside the block; its own restored after."""
+    saved: list[tuple[dict, str, Tensor]] = []
+    try:
+        for name, tensor in state.items():
+            for table, attr in places[name]:
+                saved.append((table, attr, table[attr]))
+                table[attr] = tensor
+        yield
+    finally:
+        for table, attr, original in reversed(saved):
+            table[attr] = original

@@ -1,0 +1,198 @@
+"""The batch a probe replays: model-call forms, capture of the training call, batch size and row subsets.
+
+A captured call is replayed exactly as the model was called (``CallArgs``: ``model(*args, **kwargs)``), so a model
+taking one dict, tuple or list is probed with that one argument. Inputs passed explicitly follow a short
+convention (``call_model``): a tensor ``x`` → ``model(x)``, a tuple/list → ``model(*x)``, a dict → ``model(**x)``,
+``CallArgs`` → ``model(*args, **kwargs)``. Containers nest (dicts, lists, tuples, named tuples); every tensor leaf
+whose leading size is the batch size B is a batched input.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, NamedTuple, Union
+
+import torch
+from torch import Tensor, nn
+
+__all__ = [
+    "CallArgs",
+    "Inputs",
+    "LogitsFn",
+    "call_model",
+    "extract_logits",
+    "default_logits_fn",
+    "as_batch",
+    "tensor_leaves",
+    "map_tensors",
+    "batch_size",
+    "take_rows",
+    "Scorer",
+    "InputCapture",
+]
+
+
+class CallArgs(NamedTuple):
+    """Positional and keyword arguments of one model call, replayed as ``model(*args, **kwargs)``."""
+
+    args: tuple
+    kwargs: dict
+
+
+Inputs = Union[Tensor, tuple, list, dict, CallArgs]
+LogitsFn = Callable[[nn.Module, Any], Tensor]
+
+
+def call_model(model: nn.Module, inputs: Inputs) -> Any:
+    """model(x) for a tensor, model(*x) for a tuple/list, model(**x) for a dict, model(*a, **kw) for CallArgs."""
+    if isinstance(inputs, CallArgs):
+        return model(*inputs.args, **inputs.kwargs)
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, (tuple, list)):
+        return model(*inputs)
+    return model(inputs)
+
+
+def extract_logits(output: Any) -> Tensor:
+    """The logits in a model output: the tensor itself, ``output.logits``, ``output["logits"]`` or ``output[0]``."""
+    if isinstance(output, Tensor):
+        return output
+    if isinstance(getattr(output, "logits", None), Tensor):
+        return output.logits
+    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        return output["logits"]
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
+        return output[0]
+    raise ValueError(
+        f"cannot find logits in a model output of type {type(output).__name__}; "
+        "pass logits_fn=lambda model, inputs: ... returning the (B, K) or (B, T, V) logits tensor"
+    )
+
+
+def default_logits_fn(model: nn.Module, inputs: Inputs) -> Tensor:
+    """Call the model on the inputs and return its logits (see ``call_model`` and ``extract_logits``)."""
+    return extract_logits(call_model(model, inputs))
+
+
+def as_batch(inputs: Inputs) -> Any:
+    """The batch as a user sees it (what ``logits_fn`` and ``labels_fn`` receive): a captured ``model(x)`` gives x,
+    ``model(**kw)`` gives the dict kw, ``model(a, b)`` gives (a, b); explicit inputs are returned as they are."""
+    if not isinstance(inputs, CallArgs):
+        return inputs
+    if not inputs.kwargs:
+        return inputs.args[0] if len(inputs.args) == 1 else inputs.args
+    return dict(inputs.kwargs) if not inputs.args else inputs
+
+
+def tensor_leaves(inputs: Any) -> Iterator[Tensor]:
+    """Every tensor inside (nested dicts, lists, tuples, named tuples, CallArgs), depth first, in order."""
+    if isinstance(inputs, Tensor):
+        yield inputs
+    elif isinstance(inputs, Mapping):
+        for value in inputs.values():
+            yield from tensor_leaves(value)
+    elif isinstance(inputs, (tuple, list)):
+        for value in inputs:
+            yield from tensor_leaves(value)
+
+
+def map_tensors(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """The same nested structure with every tensor leaf t replaced by fn(t) (containers rebuilt, other leaves kept)."""
+    if isinstance(inputs, Tensor):
+        return fn(inputs)
+    if isinstance(inputs, CallArgs):
+        return CallArgs(map_tensors(inputs.args, fn), map_tensors(inputs.kwargs, fn))
+    if isinstance(inputs, Mapping):
+        return {key: map_tensors(value, fn) for key, value in inputs.items()}
+    if isinstance(inputs, tuple) and hasattr(inputs, "_fields"):  # a named tuple: rebuild field by field
+        return type(inputs)(*(map_tensors(value, fn) for value in inputs))
+    if isinstance(inputs, (tuple, list)):
+        return type(inputs)(map_tensors(value, fn) for value in inputs)
+    return inputs
+
+
+def batch_size(inputs: Inputs) -> int:
+    """B = the leading size of the first tensor with at least one dimension among the (nested) inputs."""
+    for leaf in tensor_leaves(inputs):
+        if leaf.ndim > 0:
+            return leaf.shape[0]
+    raise ValueError("the inputs hold no tensor with a batch dimension; cannot probe them")
+
+
+def take_rows(inputs: Inputs, rows: Tensor, batch: int) -> Inputs:
+    """The inputs restricted to batch rows ``rows``: every tensor whose leading size is ``batch`` is indexed."""
+
+    def pick(leaf: Tensor) -> Tensor:
+        if leaf.ndim > 0 and leaf.shape[0] == batch:
+            return leaf.index_select(0, rows.to(leaf.device))
+        return leaf
+
+    return map_tensors(inputs, pick)
+
+
+Scorer = Callable[[CallArgs, Any], "Tensor | None"]
+"""scorer(call, output) -> one score per batch row, computed from a training forward's output (or None)."""
+
+
+class InputCapture:
+    """Forward hooks that keep the arguments of the model's latest gradient-recording call, as ``CallArgs``, and
+    optionally ``scorer(call, output)`` of that call (row scores for the probe's row choice).
+
+    Calls under ``torch.no_grad()``/``inference_mode`` (evaluation) and calls made while ``paused()`` are
+    ignored. The arguments are held by reference (no copy) until ``pop()``; the output is not kept. A scorer that
+    raises leaves the score None (the probe then falls back to a stride): it must never break the user's forward.
+    """
+
+    def __init__(self, model: nn.Module, scorer: Scorer | None = None) -> None:
+        self.latest: CallArgs | None = None
+        self.scores: Tensor | None = None
+        self.scorer = scorer
+        self._paused = False
+        self._handles = [model.register_forward_pre_hook(self._before, with_kwargs=True)]
+        if scorer is not None:
+            self._handles.append(model.register_forward_hook(self._after))
+
+    def _recording(self) -> bool:
+        return not self._paused and torch.is_grad_enabled()
+
+    def _before(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        if self._recording():
+            self.latest = CallArgs(tuple(args), dict(kwargs))
+            self.scores = None
+
+    def _after(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._recording() and self.latest is not None and self.scorer is not None:
+            try:
+                self.scores = self.scorer(self.latest, output)
+            except Exception:  # noqa: BLE001 -- a score is a hint; the forward must not fail because of it
+                self.scores = None
+
+    def pop(self) -> CallArgs | None:
+        """Return the captured call (or None) and forget it and its scores."""
+        return self.take()[0]
+
+    def take(self) -> tuple[CallArgs | None, Tensor | None]:
+        """(the captured call, its row scores) and forget both."""
+        latest, scores = self.latest, self.scores
+        self.latest, self.scores = None, None
+        return latest, scores
+
+    def put_back(self, call: CallArgs | None, scores: Tensor | None) -> None:
+        """Restore what ``take`` returned (a failed step keeps its batch) unless a newer call was captured."""
+        if self.latest is None:
+            self.latest, self.scores = call, scores
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Ignore model calls inside the block (the probe's own forwards)."""
+        previous, self._paused = self._paused, True
+        try:
+            yield
+        finally:
+            self._paused = previous
+
+    def remove(self) -> None:
+        """Unregister the hooks."""
+        for handle in self._handles:
+            handle.remove()

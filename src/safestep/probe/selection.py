@@ -1,0 +1,111 @@
+"""Which batch rows a probe measures: a fixed share of the batch, spent on the rows most likely to set the radius.
+
+The probe's cost grows with the number of batch rows it runs (samples, or whole sequences for (B, T, V) logits:
+a causal model's body needs every earlier position). A budget is therefore a share of the batch
+(``probe_size=0.125``: ⌈B/8⌉ rows), a row count, or None for the whole batch.
+
+Within the budget (``probe_select``), "score" takes the rows ranked highest by a score the training forward already
+gives, "stride" a stride whose offset rotates with the step count, and "mixed" (the default) half of each: the
+score finds the rows that set the radius on transformers and language models, the stride covers the models where
+the score misleads (docs/probe_budget.md has the measurements). The score, from the training forward's logits z
+(captured by a forward hook, no extra forward), is
+
+* with labels y (``labels_fn``): the row's cross-entropy log Σ_k e^{z_k} − z_y — above ``SMALL_VOCABULARY``
+  classes its lower bound z_max − z_y (within log K of it; one max pass instead of an exponential of every
+  logit, which costs as much as a tenth of a language model's step on a CPU);
+* without: the negative top-2 margin −(z_(1) − z_(2)), how close the prediction is to flipping (above
+  ``SMALL_VOCABULARY`` classes no score: the stride alone).
+
+For (B, T, V) logits a sequence's score is the largest over its positions (ignored positions excluded). Without a
+score (the model's output holds no logits) every row comes from the stride. The choice is a deterministic function
+of the batch, the model and the step count: a resumed run probes the same rows.
+"""
+from __future__ import annotations
+
+import math
+from typing import Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["ProbeSize", "SELECTIONS", "check_probe_size", "probe_count", "row_scores", "choose_rows"]
+
+SELECTIONS = {"mixed": 0.5, "score": 1.0, "stride": 0.0}
+"""The row choices and the share of the budget each spends on the highest scores (the rest: a rotated stride)."""
+
+ProbeSize = Union[int, float, None]
+_IGNORE_INDEX = -100
+SMALL_VOCABULARY = 4096  # above, scores use one max pass over the logits instead of an exponential of each
+
+
+def check_probe_size(probe_size: object) -> int | float | None:
+    """``probe_size`` if it is None, a positive int (rows) or a float share in (0, 1]; ValueError otherwise."""
+    if probe_size is None:
+        return None
+    if isinstance(probe_size, bool) or not isinstance(probe_size, (int, float)):
+        raise ValueError(f"probe_size must be a positive int (rows), a share of the batch in (0, 1], or None (the whole "
+                         f"batch), got {probe_size!r}")
+    if isinstance(probe_size, int) and probe_size >= 1:
+        return probe_size
+    if isinstance(probe_size, float) and 0.0 < probe_size <= 1.0:
+        return probe_size
+    raise ValueError(f"probe_size must be a positive int (rows), a share of the batch in (0, 1], or None (the whole "
+                     f"batch), got {probe_size!r}")
+
+
+def probe_count(batch: int, probe_size: int | float | None) -> int:
+    """Rows to probe in a batch of ``batch``: all for None, min(n, batch) for an int n, ⌈share·batch⌉ for a float."""
+    if probe_size is None:
+        return batch
+    if isinstance(probe_size, float):
+        return min(batch, max(1, math.ceil(probe_size * batch - 1e-9)))
+    return min(batch, probe_size)
+
+
+@torch.no_grad()
+def row_scores(logits: Tensor, labels: Tensor | None = None) -> Tensor | None:
+    """One score per batch row (leading dimension): higher = more likely to set the radius (see the module doc).
+
+    None for K > SMALL_VOCABULARY without labels (the top-2 margin would cost several passes over the logits).
+    """
+    z = logits.detach()
+    small = z.shape[-1] <= SMALL_VOCABULARY
+    if labels is None:
+        if not small:
+            return None
+        top = z.topk(2, dim=-1).values
+        score = (top[..., 1] - top[..., 0]).float()
+    else:
+        labels = labels.to(z.device)
+        ignored = labels == _IGNORE_INDEX
+        picked = z.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1).float()
+        log_total = torch.logsumexp(z.float(), dim=-1) if small else z.amax(dim=-1).float()
+        score = (log_total - picked).masked_fill(ignored, -math.inf)
+    score = torch.nan_to_num(score, nan=math.inf)  # a non-finite row must be probed: it makes the step skip
+    return score.reshape(score.shape[0], -1).amax(dim=1)
+
+
+def _stride(batch: int, count: int, step: int) -> Tensor:
+    """``count`` evenly spaced rows, the offset rotating with the step so every row of a fixed layout is visited."""
+    stride = batch / count
+    offset = (step % max(1, math.floor(stride))) if stride >= 2 else 0
+    return (torch.arange(count, dtype=torch.float64) * stride + offset).floor().long().clamp(max=batch - 1)
+
+
+def choose_rows(batch: int, count: int, scores: Tensor | None, step: int, scored_share: float = 1.0) -> Tensor | None:
+    """``count`` row indices (ascending), None when every row is probed.
+
+    ⌈scored_share·count⌉ of them are the highest scores (ties to the lower index), the rest come from a stride
+    rotated by the step (skipping rows already chosen); without scores all come from the stride. Fixed-size
+    tensor operations only: no host read, whatever the device.
+    """
+    if count >= batch:
+        return None
+    scored = 0 if scores is None or scores.shape != (batch,) else math.ceil(scored_share * count - 1e-9)
+    if scored == 0:
+        return _stride(batch, count, step)
+    device = scores.device
+    priority = torch.zeros(batch, device=device)  # 2 for the scored rows, 1 − j/(2·count) for stride candidate j
+    priority[_stride(batch, count, step).to(device)] = 1.0 - torch.arange(count, device=device) / (2.0 * count)
+    priority[torch.sort(scores, descending=True, stable=True).indices[:scored]] = 2.0
+    return torch.topk(priority, count).indices.sort().values
