@@ -73,13 +73,23 @@ def _belief_caps_numpy(z, a, labels, backoff):
 
 
 @pytest.mark.parametrize("backoff", [True, False])
-def test_belief_matches_pulled_back_formula(backoff):
+def test_belief_paper_rule_matches_pulled_back_formula(backoff):
     z, a = _rand(10, 4, seed=7), _rand(10, 4, seed=8)
     labels = torch.arange(10) % 4
     caps = _belief_caps_numpy(z.numpy(), a.numpy(), labels.numpy(), backoff)
-    assert Belief(backoff=backoff)(z, a, labels).item() == pytest.approx(caps.min(), rel=1e-9)
+    assert Belief("paper", backoff=backoff)(z, a, labels).item() == pytest.approx(caps.min(), rel=1e-9)
     caps_pred = _belief_caps_numpy(z.numpy(), a.numpy(), None, backoff)
-    assert Belief(backoff=backoff)(z, a).item() == pytest.approx(caps_pred.min(), rel=1e-9)
+    assert Belief("paper", backoff=backoff)(z, a).item() == pytest.approx(caps_pred.min(), rel=1e-9)
+
+
+def test_the_default_belief_rule_limits_the_label_loss_change_to_two_nats():
+    z, a = _rand(12, 50, seed=13), _rand(12, 50, seed=14)
+    labels = torch.arange(12) * 4
+    p = np.exp(z.numpy() - z.numpy().max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    rows = np.arange(12), labels.numpy()
+    label_slope = a.numpy()[rows] - (p * a.numpy()).sum(-1)  # d log p_c / dτ
+    assert Belief(backoff=False)(z, a, labels).item() == pytest.approx((2 / np.abs(label_slope)).min(), rel=1e-9)
 
 
 def test_belief_labels_follow_sequence_rows_and_shape_is_checked():

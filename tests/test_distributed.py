@@ -243,7 +243,7 @@ def _reference_radii(name):
     z, a = jvp(lambda p: functional_call(model, p, (x,)), (params,), ({n: d / tau for n, d in zip(names, delta)},))
     if name == "ghost":
         return (math.pi / (a.amax(-1) - a.amin(-1)).double()).numpy(), tau
-    return (exact_radius(z, a) if name == "exact" else belief_step_cap(z, a, y)).numpy(), tau
+    return (exact_radius(z, a) if name == "exact" else belief_step_cap(z, a, y, rule="support")).numpy(), tau
 
 
 def _quantile(radii, aggregate):

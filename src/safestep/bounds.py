@@ -221,13 +221,17 @@ class Exact(_RowBound):
 
 @dataclass(frozen=True)
 class Belief(_RowBound):
-    """τ_max,n = η_adm(p_n)·‖P_T g_n‖/‖J_s(p_n) a_n‖: the belief-space admissible step pulled back per row.
+    """The belief-space admissible step pulled back to a step length per row (``geometry.belief_step_cap``).
 
-    ``rule`` (one of ``geometry.simplex.RULES``) and ``backoff`` (entropy backoff 1/(1 + α(B))) select η_adm;
-    without labels the predicted class is used (the worst case over one-hot labels).
+    ``rule`` (one of ``geometry.simplex.RULES``) and ``backoff`` (entropy backoff 1/(1 + α(B))) select η_adm. The
+    default, "support", is the step of the energy actually trained (its curvature lives on the label): per row
+    τ_max = 2/|d log p_c/dτ| times the backoff, free of the vocabulary size, so it does not freeze a language model
+    the way the paper's rule 2·min p²/max p does (``Belief(rule="paper")``; docs/belief_support.md). Without labels
+    the predicted class is used: the worst case over one-hot labels for the Fisher rules, the predicted label only
+    for "support".
     """
 
-    rule: str = "paper"
+    rule: str = "support"
     backoff: bool = True
     eps: float = 1e-10
     aggregate: Aggregate = "max"
