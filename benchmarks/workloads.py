@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Callable
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +21,7 @@ from torch import Tensor, nn
 from safestep.lab.data import load_digits_split
 from safestep.lab.models import build_model
 
-__all__ = ["Workload", "WORKLOADS", "workload", "available"]
+__all__ = ["Workload", "WORKLOADS", "workload", "available", "replace_block"]
 
 BATCH_CLASSIFIER = 128
 BATCH_LM = 16
@@ -140,3 +141,14 @@ def workload(name: str) -> Workload:
     if name not in WORKLOADS:
         raise ValueError(f"unknown workload {name!r}; choose from {', '.join(WORKLOADS)}")
     return WORKLOADS[name]()
+
+
+def replace_block(path: Path, markers: tuple[str, str], text: str) -> None:
+    """Replace what stands between the two marker lines of the file at ``path`` with ``text``."""
+    content = path.read_text(encoding="utf-8")
+    start, end = markers
+    if start not in content or end not in content:
+        raise SystemExit(f"{path} has no generated block ({start} ... {end})")
+    head, rest = content.split(start, 1)
+    _, tail = rest.split(end, 1)
+    path.write_text(f"{head}{start}\n{text}\n{end}{tail}", encoding="utf-8")
