@@ -26,7 +26,8 @@ from .collectives import make_reducer
 from .distributed import is_sharded, local_tensor, make_probe, probe_module
 from .probe import (METHODS, SELECTIONS, CallArgs, Displacement, InputCapture, Inputs, LogitsFn, ProbeSize, as_batch,
                     batch_size, check_probe_size, choose_rows, extract_logits, probe_count, row_scores, take_rows)
-from .step import MODES, apply, displacement, gradients_finite, probe_slopes, radius, restore, scale_for, snapshot
+from .step import (MODES, Decision, apply, displacement, gradients_finite, probe_slopes, radius, read_decision, restore,
+                   scale_for, snapshot)
 from .telemetry import History, ReportSink, StepReport
 
 __all__ = ["SafeStep", "MODES", "DEFAULT_PROBE_SIZE", "FREEZE_SCALE", "FREEZE_STEPS"]
@@ -420,52 +421,47 @@ class SafeStep(torch.optim.Optimizer):
 
     def _measured(self, params: list[Tensor], live: list[Tensor], theta0: list[Tensor], plan: _Plan,
                   start: float, finite_gradients: Tensor | None) -> StepReport:
+        assert self._schema is not None
         step = displacement(live, theta0, self.reducer, self.sharded)
         with self._probe_context():
             slopes = probe_slopes(self.probe, params, step, plan.inputs, self.method)
-        assert self._schema is not None
         found = radius(self.bound, slopes, plan.labels, step.tau, masked=self._schema.masked, reducer=self.reducer)
-        grads_ok = torch.ones(1, dtype=torch.float64) if finite_gradients is None else finite_gradients
-        read = [torch.stack([step.tau, found.rho, step.theta_norm]), found.flags, grads_ok.to(found.flags.device)]
-        if isinstance(found.binding, Tensor):
-            read.append(found.binding.reshape(1).to(torch.float64))
-        if found.tau_range is not None:
-            read.append(found.tau_range)
-        values = torch.cat(read).tolist()  # host read 2 of 2: the apply decision
-        tau, rho, theta_norm, broken, bad_labels, masked, gradients_ok = values[:7]
-        binding = int(values[7]) if isinstance(found.binding, Tensor) else 0
-        tau_low, tau_high = values[-2:] if found.tau_range is not None else (tau, tau)
-        if not gradients_ok > 0:  # the inner optimizer skipped its update on the device: nothing moved
+        decision = read_decision(step, found, finite_gradients)  # host read 2 of 2: the apply decision
+        if not decision.gradients_ok:  # the inner optimizer skipped its update on the device: nothing moved
             restore(live, theta0)
             return self._report(start, math.nan, math.nan, 0.0, skipped=True, reason="non-finite gradient: step skipped")
-        if masked and not self._schema.masked:  # −inf logits appeared: measure again over the live classes only
+        if decision.masked and not self._schema.masked:  # −inf logits appeared: measure again over live classes
             self._schema = replace(self._schema, masked=True)
             found = radius(self.bound, slopes, plan.labels, step.tau, masked=True, reducer=self.reducer)
-            rho = float(found.rho)
-            binding = int(found.binding)
-        if bad_labels:
-            raise ValueError(f"labels must be class indices in [0, {slopes.logits.shape[-1]}) or ignore_index "
-                             f"{self.ignore_index}")
-        if tau_high - tau_low > 1e-6 * tau_high:
-            raise RuntimeError(
-                f"the update length τ differs across ranks ({tau_low:.6g} to {tau_high:.6g}): the parameters are not "
-                "replicated; wrap the model in DistributedDataParallel (averaged gradients) or shard it with FSDP2")
-        bound = list(leaves(self.bound))[binding].name
+            decision = replace(decision, rho=float(found.rho), binding=int(found.binding))
+        self._check_decision(decision, slopes.logits.shape[-1])
+        tau, rho = decision.tau, decision.rho
+        bound = list(leaves(self.bound))[decision.binding].name
         method, rows = slopes.method, plan.rows
         note = f"{slopes.note}; " if slopes.note else ""
         if not math.isfinite(tau):
             return self._uncertified(live, theta0, start, tau, bound, method, rows, note + "non-finite update")
         if tau == 0.0:
             return self._report(start, 0.0, rho, 1.0, bound, method, rows, reason=note + "zero update")
-        if broken or not rho > 0:  # NaN, or 0 from a spread that overflowed
+        if decision.broken or not rho > 0:  # NaN, or 0 from a spread that overflowed
             return self._uncertified(live, theta0, start, tau, bound, method, rows, note + "non-finite probe output")
         scale, reason = scale_for(self.mode, self.r, tau, rho)
         if self.mode != "monitor" and math.isfinite(rho):
-            scale = apply(live, step, scale, self.r * rho, tau, theta_norm, self.reducer, self.sharded)
+            scale = apply(live, step, scale, self.r * rho, tau, decision.theta_norm, self.reducer, self.sharded)
             if scale == 0.0:
                 return self._report(start, tau, rho, 0.0, bound, method, rows, skipped=True, reason=note +
                                     "no step of length <= r·rho is representable at this precision: parameters restored")
         return self._report(start, tau, rho, scale, bound, method, rows, reason=note + reason)
+
+    def _check_decision(self, decision: Decision, classes: int) -> None:
+        """Raise for labels out of range and for parameters that differ across ranks (both caught after the step)."""
+        if decision.bad_labels:
+            raise ValueError(f"labels must be class indices in [0, {classes}) or ignore_index {self.ignore_index}")
+        if decision.tau_high - decision.tau_low > 1e-6 * decision.tau_high:
+            raise RuntimeError(
+                f"the update length τ differs across ranks ({decision.tau_low:.6g} to {decision.tau_high:.6g}): the "
+                "parameters are not replicated; wrap the model in DistributedDataParallel (averaged gradients) or shard "
+                "it with FSDP2")
 
     def _uncertified(self, live: list[Tensor], theta0: list[Tensor], start: float, tau: float, bound: str, method: str,
                      rows: int, why: str) -> StepReport:

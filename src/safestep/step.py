@@ -32,6 +32,8 @@ __all__ = [
     "displacement",
     "probe_slopes",
     "radius",
+    "Decision",
+    "read_decision",
     "scale_for",
     "apply",
     "unit_roundoff",
@@ -178,6 +180,38 @@ def _global_quantile(member: Bound, slopes: Slopes, labels: Tensor | None, maske
     if gathered.shape[0] == 0:
         return torch.tensor(math.nan, dtype=torch.float64, device=table.device)
     return aggregate_radii(gathered[:, 0], member.aggregate, gathered[:, 1] > 0)
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What the apply decision needs, read from the device in one go (``read_decision``)."""
+
+    tau: float
+    rho: float
+    theta_norm: float
+    broken: bool  # a NaN or infinite logit on an active row
+    bad_labels: bool  # a label neither a class index nor IGNORE_INDEX
+    masked: bool  # a −inf logit was seen
+    gradients_ok: bool  # false when an optimizer that skips on the device skipped this update
+    binding: int  # index of the leaf bound that set ρ
+    tau_low: float
+    tau_high: float
+
+
+def read_decision(step: Displacement, found: Radius, finite_gradients: Tensor | None = None) -> Decision:
+    """The step's one host read: τ, ρ, ‖θ0‖, the flags, the binding leaf and τ's range over ranks."""
+    grads_ok = torch.ones(1, dtype=torch.float64) if finite_gradients is None else finite_gradients
+    read = [torch.stack([step.tau, found.rho, step.theta_norm]), found.flags, grads_ok.to(found.flags.device)]
+    if isinstance(found.binding, Tensor):
+        read.append(found.binding.reshape(1).to(torch.float64))
+    if found.tau_range is not None:
+        read.append(found.tau_range)
+    values = torch.cat(read).tolist()
+    tau, rho, theta_norm, broken, bad_labels, masked, gradients_ok = values[:7]
+    binding = int(values[7]) if isinstance(found.binding, Tensor) else 0
+    tau_low, tau_high = values[-2:] if found.tau_range is not None else (tau, tau)
+    return Decision(tau, rho, theta_norm, broken > 0, bad_labels > 0, masked > 0, gradients_ok > 0, binding,
+                    tau_low, tau_high)
 
 
 def scale_for(mode: str, r: float, tau: float, rho: float) -> tuple[float, str]:
