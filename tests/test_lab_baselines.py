@@ -10,7 +10,7 @@ from torch import nn
 
 from safestep.lab.baselines import GradientDirectionController, adaptive_grad_clip_, unitwise_norm
 from safestep.lab.data import Split
-from safestep.lab.training import train
+from safestep.lab.training import adaptive_clipped, gradient_direction, train
 
 
 def _param(value, grad) -> nn.Parameter:
@@ -94,13 +94,12 @@ def test_grad_proxy_guard_in_train_records_the_controller_and_rejects_monitor():
     model, x, y, _, _, g_norm, rho = _linear_problem()
     data = Split(x.float(), y, x.float(), y, n_classes=4)
     model.float()
-    result = train(model, lambda p: torch.optim.Adam(p, lr=100.0), data, steps=3, batch_size=40, guard="grad-proxy")
+    result = train(model, lambda p: torch.optim.Adam(p, lr=100.0), data, steps=3, batch_size=40,
+                   rule=gradient_direction())
     assert all(s.tau is not None and s.rho > 0 and s.scale <= 1.0 for s in result.steps)
     assert 100.0 * g_norm > rho  # the proxy step is far outside the radius, so the first step is scaled to ρ/(lr‖g‖)
     assert result.steps[0].scale == pytest.approx(rho / (100.0 * g_norm), rel=1e-4)
     assert result.steps[0].tau == pytest.approx(100.0 * g_norm, rel=1e-4)
-    with pytest.raises(ValueError, match="monitor"):
-        train(model, lambda p: torch.optim.Adam(p, lr=1.0), data, steps=1, guard="grad-proxy", monitor=True)
 
 
 def test_agc_guard_in_train_equals_clipping_by_hand_then_stepping():
@@ -109,8 +108,8 @@ def test_agc_guard_in_train_equals_clipping_by_hand_then_stepping():
     model.float()
     twin = nn.Linear(6, 4)
     twin.load_state_dict(model.state_dict())
-    train(model, lambda p: torch.optim.SGD(p, lr=0.3), data, steps=1, batch_size=40, guard="agc",
-          guard_options={"clip_factor": 0.01})
+    train(model, lambda p: torch.optim.SGD(p, lr=0.3), data, steps=1, batch_size=40,
+          rule=adaptive_clipped(clip_factor=0.01))
     nn.functional.cross_entropy(twin(x.float()), y).backward()  # one full batch: the row order does not matter
     with torch.no_grad():
         for p in twin.parameters():

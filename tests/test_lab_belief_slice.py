@@ -100,6 +100,9 @@ def test_run_tabulated_values_and_claims(result):
     assert verdicts["Both curves widen toward the center"] == "partly"
     assert sum(v == "holds" for v in verdicts.values()) == len(verdicts) - 2
     assert result.metrics["conservatism"]["tangent_over_paper_at_y1"] == pytest.approx(0.25119 / 0.0285714, rel=1e-4)
+    # nothing here is a printed paper number: every paper column says it is our evaluation of a reconstruction
+    numeric = [c for c in result.claims if c.verdict != "not in paper" and c.claim != "Both curves widen toward the center"]
+    assert numeric and all(c.paper.startswith("[not printed") for c in numeric)
 
 
 def test_figure_draws_and_report_has_the_table(result, tmp_path):

@@ -14,6 +14,8 @@ from safestep.lab.experiments import REGISTRY, RunOptions, load
 from safestep.lab.experiments.belief_tracking import (
     SHIFT, STEPS, Y1, Y2, end_state, first_index, kl_divergence, outcome_ranges, run, track,
 )
+from safestep.geometry.simplex import RULES
+from safestep.lab.experiments.belief_slice import K3_REFERENCE
 from safestep.lab.report import write_result
 
 
@@ -125,7 +127,7 @@ def test_pgd_variant_collapses_into_a_vertex_cycle_without_ln10(result):
 
 def test_sweep_collapses_for_large_steps_and_recovers_for_small(result):
     sweep = {row["eta"]: row for row in result.metrics["high_sweep"]}
-    assert all(sweep[eta]["end_state"] == "y2" for eta in (0.1, 0.3, 0.5, 0.7))
+    assert all(sweep[eta]["end_state"] == "y2" for eta in (0.03, 0.1, 0.3, 0.5, 0.7))
     assert all(sweep[eta]["end_state"] in ("e1", "e2", "e3") for eta in (0.9, 1.5, 2.5, 4.0, 5.0))
     assert sweep[1.5]["end_state"] == "e1"
 
@@ -133,8 +135,24 @@ def test_sweep_collapses_for_large_steps_and_recovers_for_small(result):
 def test_claim_verdicts(result):
     verdicts = [c.verdict for c in result.claims]
     assert verdicts[:5] == ["holds"] * 5
-    assert verdicts[5:] == ["partly", "partly"]
+    assert verdicts[5:7] == ["partly", "partly"]
+    assert verdicts[7:] == ["holds"] + ["not in paper"] * (len(RULES) - 1)  # one row per rule, paper's first
     assert result.seeds == []
+
+
+def test_every_rule_bound_matches_the_printed_k3_values_and_no_eta_below_it_collapses(result):
+    """η_max(y1) per rule against MATH_BELIEF.md §3's printed values; the sweep reaches below every bound."""
+    printed = dict(zip(("paper", "sharp", "tangent"), K3_REFERENCE[(0.7, 0.2, 0.1)]))
+    bounds = result.metrics["bounds"]
+    assert list(bounds) == list(RULES)
+    for rule, value in printed.items():
+        assert bounds[rule]["bound_at_y1"] == pytest.approx(value, rel=1e-3)
+    for row in bounds.values():
+        assert row["swept_at_or_below"] > 0 and row["collapsed_at_or_below"] == 0
+        # measured: collapse begins at η = 0.74, 26× the paper bound 2/70 and ≈ 3× the sharp and tangent bounds
+        assert row["first_collapse"] == pytest.approx(0.74)
+        assert row["first_collapse"] > row["bound"]
+    assert bounds["paper"]["first_collapse_over_bound"] == pytest.approx(0.74 / (2 * 0.1**2 / 0.7))
 
 
 def test_end_state_and_first_index():

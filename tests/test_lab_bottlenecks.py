@@ -61,6 +61,37 @@ def test_out_mode_step_equals_safestep_set_mode_with_the_ghost_bound(small_batch
     torch.testing.assert_close(_flat(model), _flat(twin), rtol=1e-5, atol=1e-7)
 
 
+def test_radii_of_a_step_match_independent_finite_differences(small_batch):
+    """ρ_out and ρ_attn along AdamW's first step = π / max spread of float64 FD slopes of logits / attention scores,
+    and an "out" step has exactly length ρ_out."""
+    from _lab_reference import fd_radius
+
+    x, y = small_batch
+    model, optimizer = _model_and_optimizer(seed=2)
+    before = copy.deepcopy(model)
+    twin, twin_optimizer = copy.deepcopy((model, optimizer))
+    torch.nn.functional.cross_entropy(twin(x), y).backward()
+    twin_optimizer.step()
+    delta = {n: p.detach() - q.detach() for (n, p), q in zip(twin.named_parameters(), before.parameters())}
+    norm = math.sqrt(sum(float((d.double() ** 2).sum()) for d in delta.values()))
+    direction = {n: d / norm for n, d in delta.items()}
+    _, radii, length = _step(model, optimizer, x, y, "out", False, 0.01)
+    assert radii.out == pytest.approx(fd_radius(before, direction, x), rel=1e-4) and length == radii.out
+    assert float((_flat(model) - _flat(before)).norm()) == pytest.approx(radii.out, rel=1e-5)
+
+    class Scores(torch.nn.Module):  # the attention scores (one softmax row per layer, sample, head, query)
+        def __init__(self, inner: TinyTransformer) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+            scores = self.inner(inputs, internals=True)[1]
+            return scores.reshape(-1, scores.shape[-1])
+
+    prefixed = {f"inner.{n}": d for n, d in direction.items()}
+    assert radii.attn == pytest.approx(fd_radius(Scores(before), prefixed, x), rel=1e-4)
+
+
 def test_phase_table_counts_and_medians_by_hand():
     log = RunLog("min", 0, steps=list(range(7)),
                  binding=["ffn", "ffn", "out", "ffn", "out", "out", "out"],

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from safestep.lab.data import as_images, as_row_tokens, load_digits_split, load_tabular_split, split_indices
 from safestep.lab.models import MODEL_NAMES, CNNBatchNorm, RowTransformer, build_model
-from safestep.lab.training import constant_lr, evaluate, lr_spike, train
+from safestep.lab.training import clipped, constant_lr, evaluate, guarded, lr_spike, plain, train
 
 # sklearn digits class counts 0..9 (REFERENCE.md, "digits")
 DIGITS_CLASS_COUNTS = [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
@@ -204,7 +204,7 @@ def test_clip_guard_bounds_the_sgd_step(digits):
     torch.manual_seed(0)
     model = build_model("mlp")
     before = torch.cat([p.detach().flatten() for p in model.parameters()])
-    train(model, lambda p: torch.optim.SGD(p, lr=1.0), digits, steps=1, guard="clip", clip_norm=0.25)
+    train(model, lambda p: torch.optim.SGD(p, lr=1.0), digits, steps=1, rule=clipped(0.25))
     after = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert (after - before).norm() == pytest.approx(0.25, rel=1e-4)  # the raw gradient norm is far above 0.25
 
@@ -233,11 +233,11 @@ def test_monitor_measures_tau_and_rho_of_a_plain_step_against_the_closed_form(di
     full = len(digits.y_train)  # one batch = the whole (permuted) training set, so the gradient is known
     model, (W0, b0), tau, rho = _linear_full_batch_step(digits, lr=0.5)
     result = train(model, lambda p: torch.optim.SGD(p, lr=0.5), digits, steps=1, batch_size=full,
-                   monitor=True, guard_options={"probe_size": None, "method": "jvp"})
+                   rule=plain(monitor={"probe_size": None, "method": "jvp"}))
     record = result.steps[0]
     moved = _distance(model, W0, b0)
     assert record.tau == pytest.approx(tau, rel=1e-4) and moved == pytest.approx(tau, rel=1e-4)  # step untouched
-    assert record.rho == pytest.approx(rho, rel=1e-4) and record.r == pytest.approx(tau / rho, rel=1e-4)
+    assert record.rho == pytest.approx(rho, rel=1e-4) and record.r_proposed == pytest.approx(tau / rho, rel=1e-4)
     assert record.scale == 1.0 and result.steps_capped == 0  # measured, never scaled
 
 
@@ -246,7 +246,7 @@ def test_safestep_guard_caps_a_long_step_at_the_closed_form_radius(digits):
     model, (W0, b0), tau, rho = _linear_full_batch_step(digits, lr=1e3)
     assert tau > 10 * rho  # the raw SGD step is far outside the radius
     result = train(model, lambda p: torch.optim.SGD(p, lr=1e3), digits, steps=1, batch_size=full,
-                   guard="safestep", guard_options={"probe_size": None, "method": "jvp"})
+                   rule=guarded(probe_size=None, method="jvp"))
     moved = _distance(model, W0, b0)
     assert moved == pytest.approx(rho, rel=1e-4)
     record = result.steps[0]
@@ -255,7 +255,7 @@ def test_safestep_guard_caps_a_long_step_at_the_closed_form_radius(digits):
 
 def test_train_rejects_bad_arguments(digits):
     model = build_model("linear")
-    with pytest.raises(ValueError, match="unknown guard"):
-        train(model, _adam(), digits, steps=1, guard="zclip")
-    with pytest.raises(ValueError, match="monitor"):
-        train(model, _adam(), digits, steps=1, guard="safestep", monitor=True)
+    with pytest.raises(ValueError, match="steps"):
+        train(model, _adam(), digits, steps=-1)
+    with pytest.raises(TypeError):
+        train(model, _adam(), digits, steps=1, guard="safestep")  # step rules replaced the guard strings

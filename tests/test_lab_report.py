@@ -14,7 +14,9 @@ from safestep.cli import main
 from safestep.lab import experiments
 from safestep.lab.experiments import Experiment, RunOptions
 from safestep.lab.io import json_ready, write_atomically, write_json
-from safestep.lab.report import Claim, ExperimentResult, write_combined_report, write_result
+from safestep.lab.report import (
+    Claim, ExperimentResult, load_results, replace_block, reproduction_table, write_combined_report, write_result,
+)
 
 
 def test_json_ready_converts_tensors_arrays_and_non_finite_floats():
@@ -42,9 +44,6 @@ def test_claim_rejects_unknown_verdict():
 
 
 def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     fig = Figure()
@@ -73,6 +72,33 @@ def test_write_result_writes_json_png_and_markdown(tmp_path: Path):
     assert "| value is one half | 0.5 | 0.5 | **holds** |" in report
     assert "pipe \\| in text" in report  # table cells are escaped
     assert "![curve.png](curve.png)" in report
+
+
+def test_reproduction_table_lists_every_claim_unflattering_first(tmp_path: Path):
+    write_result(_result("alpha"), tmp_path / "alpha")
+    write_result(_result("beta"), tmp_path / "beta", quick=True)
+    payloads = load_results(tmp_path)
+    assert [p["name"] for p in payloads] == ["alpha", "beta"]
+    assert payloads[0]["command"] == "safestep reproduce alpha" and payloads[1]["command"].endswith("--quick")
+    lines = reproduction_table(payloads).splitlines()
+    assert lines[0] == "| experiment | claim | paper | ours | verdict | seeds | command |"
+    rows = [line for line in lines[2:] if line.startswith("| [")]
+    assert len(rows) == 4  # every claim of every result
+    assert [("differs" in row, "alpha" in row.split("|")[1]) for row in rows] == [
+        (True, True), (True, False), (False, True), (False, False)]
+    assert "pipe \\| in text" in rows[0] and "`safestep reproduce alpha`" in rows[0] and "| 1 (0) |" in rows[0]
+    assert lines[-1] == "Verdicts: differs 2, holds 2. Quick (CI-sized) results, not the paper's protocol: beta."
+    gap = reproduction_table(payloads, missing=["gamma"]).splitlines()[2]
+    assert gap.startswith("| gamma |") and "**not run**" in gap and "`safestep reproduce gamma`" in gap
+
+
+def test_replace_block_swaps_only_the_marked_lines():
+    text = ("intro\n<!-- reproduction-table:start (generated) -->\nold 1\nold 2\n"
+            "<!-- reproduction-table:end -->\noutro\n")
+    assert replace_block(text, "| new |\n") == ("intro\n<!-- reproduction-table:start (generated) -->\n| new |\n"
+                                               "<!-- reproduction-table:end -->\noutro\n")
+    with pytest.raises(ValueError, match="block"):
+        replace_block("no markers here", "| new |")
 
 
 def test_combined_report_counts_verdicts(tmp_path: Path):
@@ -133,3 +159,17 @@ def test_run_options_seeds():
     assert RunOptions().seed_tuple(3) == (0, 1, 2) and RunOptions(seeds=1).seed_tuple(3) == (0,)
     with pytest.raises(ValueError, match="seeds must be >= 1"):
         RunOptions(seeds=0)
+
+
+def test_report_command_prints_or_rewrites_the_readme_block(tmp_path: Path, capsys):
+    write_result(_result("alpha"), tmp_path / "results" / "alpha")
+    readme = tmp_path / "README.md"
+    readme.write_text("# x\n<!-- reproduction-table:start (generated) -->\nstale\n<!-- reproduction-table:end -->\n")
+    assert main(["report", "--results", str(tmp_path / "results")]) == 0
+    printed = capsys.readouterr().out
+    assert "| [alpha](" in printed and "**differs**" in printed and "**not run**" in printed  # registry gaps listed
+    assert main(["report", "--results", str(tmp_path / "results"), "--readme", str(readme), "--check"]) == 1
+    assert main(["report", "--results", str(tmp_path / "results"), "--readme", str(readme)]) == 0
+    assert "stale" not in readme.read_text() and "| [alpha](" in readme.read_text()
+    assert main(["report", "--results", str(tmp_path / "results"), "--readme", str(readme), "--check"]) == 0
+    assert main(["report", "--results", str(tmp_path / "empty")]) == 2

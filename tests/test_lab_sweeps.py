@@ -154,3 +154,22 @@ def test_finite_stats_and_format():
     assert summary["mean"] == 2.0 and summary["std"] == 1.0 and summary["median"] == 2.0 and summary["n_inf"] == 1
     assert format_stats(summary, beyond="never") == "2 ± 1 (1/3 never)"
     assert format_stats(finite_stats([math.inf]), beyond="never") == "never"
+
+
+def test_train_to_accuracy_stops_at_the_first_check_past_the_target():
+    from safestep.lab.data import load_digits_split
+    from safestep.lab.evaluation import recalibrated_metrics
+    from safestep.lab.models import build_model
+    from safestep.lab.sweeps import train_to_accuracy
+
+    data = load_digits_split()
+    torch.manual_seed(0)
+    model = build_model("linear")
+    steps, accuracy = train_to_accuracy(model, data, target=0.8, max_steps=400, lr=0.01, seed=0, check_every=10)
+    assert steps % 10 == 0 and steps < 400 and accuracy >= 0.8
+    assert accuracy == recalibrated_metrics(model, data)[0]
+    torch.manual_seed(0)
+    short = build_model("linear")
+    assert train_to_accuracy(short, data, target=1.0, max_steps=5, lr=0.01, seed=0, check_every=10)[0] == 5
+    with pytest.raises(ValueError, match="target"):
+        train_to_accuracy(short, data, target=0.0, max_steps=5, lr=0.01, seed=0)

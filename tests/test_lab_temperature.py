@@ -20,10 +20,14 @@ def test_collapse_std_is_the_std_of_log10_median_onsets():
     assert collapse_std({1.0: [10.0, 10.0], 2.0: [50.0, 100.0, 200.0]}) == pytest.approx(0.5)
     assert collapse_std({1.0: [math.inf], 2.0: [10.0], 4.0: [1000.0]}) == pytest.approx(1.0)
     assert math.isnan(collapse_std({1.0: [10.0]}))
+    # raw: the medians 10 and 100 have population std 45 (the log10 spread of the same medians is 0.5)
+    assert collapse_std({1.0: [10.0, 10.0], 2.0: [50.0, 100.0, 200.0]}, "raw") == pytest.approx(45.0)
+    with pytest.raises(ValueError, match="definition"):
+        collapse_std({1.0: [1.0]}, "variance")
 
 
 def test_onsets_agree_better_in_r_T_than_in_raw_tau(result):
-    stds = result.metrics["collapse_std"]
+    stds = result.metrics["collapse_std"]["log10"]
     assert stds["r_T"] < 0.5 * stds["tau"]
     for run in result.metrics["runs"]:
         assert 0.5 < run["onset_r_T"] < 5.0, run["temperature"]
@@ -39,3 +43,5 @@ def test_report_files(result, tmp_path):
     paths = write_result(result, tmp_path)
     assert {"results.json", "report.md", "temperature_fingerprint.png"} <= set(paths)
     assert "collapse std" in (tmp_path / "report.md").read_text()
+    spreads = [c for c in result.claims if c.claim.startswith("Measuring steps in r_T")]
+    assert [c.claim.endswith(f"({d} spread)") for c, d in zip(spreads, ("log10", "raw"))] == [True, True]

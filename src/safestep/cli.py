@@ -1,4 +1,5 @@
-"""The ``safestep`` command line: ``demo``, ``list``, ``reproduce NAME|all``, ``plot HISTORY`` and ``--version``.
+"""The ``safestep`` command line: ``demo``, ``list``, ``reproduce NAME|all``, ``plot HISTORY``, ``report`` and
+``--version``.
 
 Each subcommand is one ``_add_<name>`` function that registers its parser and its handler; add new ones there.
 Argparse checks every number; a handler then checks, before any work, that the optional dependencies it needs
@@ -302,6 +303,48 @@ def _add_plot(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_plot)
 
 
+def _run_report(args: argparse.Namespace) -> int:
+    from .lab.experiments import REGISTRY
+    from .lab.report import load_results, replace_block, reproduction_table
+
+    results = load_results(args.results)
+    if not results:
+        raise _UsageError(f"no <experiment>/results.json under {args.results}")
+    missing = [name for name in REGISTRY if name not in {payload["name"] for payload in results}]
+    table = reproduction_table(results, folder=Path(args.results).as_posix(), missing=missing)
+    if args.readme is None:
+        print(table)
+        return 0
+    readme = Path(args.readme)
+    text = readme.read_text(encoding="utf-8")
+    try:
+        updated = replace_block(text, table)
+    except ValueError as error:
+        raise _UsageError(f"{readme}: {error}") from None
+    if args.check:
+        if updated != text:
+            print(f"{readme}: the reproduction table is out of date; run: safestep report --readme {readme}",
+                  file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(updated, encoding="utf-8")
+    print(f"{readme}: reproduction table rewritten from {len(results)} results files in {args.results}")
+    return 0
+
+
+def _add_report(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "report",
+        help="the reproduction table (every claim: paper vs ours, verdict, seeds, command) from results files",
+    )
+    parser.add_argument("--results", default="results",
+                        help="folder of <experiment>/results.json (default: ./results)")
+    parser.add_argument("--readme", default=None,
+                        help="rewrite the table between this file's reproduction-table markers instead of printing it")
+    parser.add_argument("--check", action="store_true", help="with --readme: only exit 1 if the table is out of date")
+    parser.set_defaults(handler=_run_report)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="safestep", description="Provably bounded training steps for cross-entropy models.")
@@ -311,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_list(subparsers)
     _add_reproduce(subparsers)
     _add_plot(subparsers)
+    _add_report(subparsers)
     return parser
 
 

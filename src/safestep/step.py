@@ -36,6 +36,7 @@ __all__ = [
     "read_decision",
     "scale_for",
     "apply",
+    "rescale",
     "unit_roundoff",
 ]
 
@@ -252,12 +253,14 @@ def apply(live: Sequence[Tensor], step: Displacement, scale: float, limit: float
     room = limit * (1.0 - 1e-12) - u * theta_norm - math.sqrt(n) * sigma
     safe = min(scale, room / (tau * (1.0 + 3.0 * u))) if room > 0 else 0.0
     if safe >= scale * (1.0 - _APRIORI_LOSS):
-        _write(live, step, safe)
+        rescale(live, step, safe)
         return safe
     return _measured_write(live, step, min(scale, limit / tau), limit, reducer, sharded)
 
 
-def _write(live: list[Tensor], step: Displacement, scale: float) -> None:
+def rescale(live: Sequence[Tensor], step: Displacement, scale: float) -> None:
+    """θ ← θ0 + s·Δθ, as written (no bound on its rounding: ``apply`` is the guarded write)."""
+    live = list(live)
     torch._foreach_copy_(live, step.theta0)
     torch._foreach_add_(live, step.delta, alpha=scale)
 
@@ -274,7 +277,7 @@ def _realized(live: list[Tensor], theta0: list[Tensor], reducer: Reducer | None,
 def _measured_write(live: list[Tensor], step: Displacement, scale: float, limit: float, reducer: Reducer | None,
                     sharded: bool) -> float:
     for _ in range(_APPLY_ATTEMPTS):
-        _write(live, step, scale)
+        rescale(live, step, scale)
         realized = _realized(live, step.theta0, reducer, sharded)
         if realized <= limit:
             return scale

@@ -19,12 +19,12 @@ import torch
 from .data import Split, load_digits_split
 from .io import json_ready, write_atomically, write_json, write_text
 from .models import build_model
-from .training import TrainResult, lr_spike, train
+from .training import StepRule, TrainResult, clipped, guarded, lr_spike, plain, train
 
 __all__ = ["DemoConfig", "DemoResult", "run_demo", "format_table", "write_outputs", "METHODS"]
 
-# method name -> (guard, monitor) passed to `train`
-METHODS: dict[str, tuple[str | None, bool]] = {"plain": (None, True), "clip": ("clip", True), "safestep": ("safestep", False)}
+# method name -> its step rule: plain and clipped runs are monitored (τ, ρ and r measured, steps never changed)
+METHODS: dict[str, StepRule] = {"plain": plain(monitor={}), "clip": clipped(1.0, monitor={}), "safestep": guarded()}
 _MODEL_TITLES = {"mlp-ln": "MLP+LayerNorm", "transformer": "RowTransformer"}
 _METHOD_STYLES = {
     "plain": {"color": "tab:red", "ls": "-"},
@@ -96,7 +96,6 @@ def run_demo(config: DemoConfig, progress: Callable[[int, str], None] | None = N
     started = time.perf_counter()
     for model_name in config.models:
         for method in config.methods:
-            guard, monitor = METHODS[method]
             label = f"{model_name}/{method}"
             torch.manual_seed(config.seed)
             model = build_model(model_name)
@@ -107,9 +106,8 @@ def run_demo(config: DemoConfig, progress: Callable[[int, str], None] | None = N
                 steps=config.steps,
                 batch_size=config.batch_size,
                 lr_schedule=schedule,
-                guard=guard,
+                rule=METHODS[method],
                 seed=config.seed,
-                monitor=monitor,
                 eval_every=config.eval_every,
                 progress=None if progress is None else (lambda record, label=label: progress(1, label)),
             )

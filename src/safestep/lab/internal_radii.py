@@ -1,4 +1,4 @@
-"""Radii inside a transformer (MATH_RADIUS.md §A7): the attention softmax and the FFN activation kinks.
+"""Radii inside a transformer (docs/reproduction.md): the attention softmax and the FFN activation kinks.
 
 Along a unit parameter direction v, one forward-mode pass (JVP) gives the slopes of three internal tensors:
 the logits z (K classes), the pre-softmax attention scores s = q·kᵀ/√d (per layer, head and query, over the
@@ -85,7 +85,7 @@ class _Block(nn.Module):
 class TinyTransformer(nn.Module):
     """The paper's tfmbottlenecks model: 8 row tokens → Linear(8, d) + CLS + positions → blocks → LN(CLS) → head.
 
-    Defaults (REFERENCE.md §2.6): d = 32, 4 heads (d_head 8), 2 pre-LN blocks, FFN 32→128→32 with exact GELU,
+    Defaults (docs/reproduction.md): d = 32, 4 heads (d_head 8), 2 pre-LN blocks, FFN 32→128→32 with exact GELU,
     CLS token and positions (1, 9, d) drawn from N(0, 0.02²), bias-free qkv.
     """
 

@@ -2,21 +2,29 @@
 
 Every experiment returns an ``ExperimentResult``: its protocol, configuration, seeds, metrics and a list of
 ``Claim`` rows that put the paper's number beside ours with a plain verdict. ``write_result`` writes one
-experiment's folder; ``write_combined_report`` indexes several.
+experiment's folder; ``write_combined_report`` indexes several. ``reproduction_table`` turns a folder of
+results.json files back into one markdown table (every claim, unflattering verdicts first) and
+``replace_block`` puts it between a document's ``reproduction-table`` markers (`safestep report`).
 """
 from __future__ import annotations
 
+import json
 import platform
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from .io import write_figure, write_json, write_text
 
-__all__ = ["VERDICTS", "Claim", "ExperimentResult", "environment", "write_result", "write_combined_report"]
+__all__ = ["VERDICTS", "Claim", "ExperimentResult", "environment", "command", "write_result", "write_combined_report",
+           "load_results", "reproduction_table", "replace_block"]
 
 VERDICTS = ("holds", "differs", "partly", "not in paper")
+UNFLATTERING_FIRST = ("differs", "partly", "holds", "not in paper")
+BLOCK_START = "<!-- reproduction-table:start"
+BLOCK_END = "<!-- reproduction-table:end -->"
 
 
 @dataclass(frozen=True)
@@ -49,6 +57,7 @@ class ExperimentResult:
     figures: dict[str, Callable[[], Any]] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    command: str | None = None  # how it was produced, when not ``safestep reproduce NAME [--quick]``
 
 
 def environment() -> dict[str, Any]:
@@ -68,9 +77,17 @@ def environment() -> dict[str, Any]:
     }
 
 
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def command(name: str, quick: bool) -> str:
+    """The CLI command that reproduces a result."""
+    return f"safestep reproduce {name}" + (" --quick" if quick else "")
+
+
 def _claims_table(claims: list[Claim]) -> list[str]:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|").replace("\n", " ")
+    cell = _cell
 
     rows = ["| claim | paper | ours | verdict |", "|---|---|---|---|"]
     rows += [f"| {cell(c.claim)} | {cell(c.paper)} | {cell(c.ours)} | **{c.verdict}** |" for c in claims]
@@ -82,9 +99,9 @@ _QUICK_BANNER = ("> **Quick (CI-sized) run:** fewer seeds, steps or settings tha
 
 
 def _markdown(result: ExperimentResult, figure_files: list[str], quick: bool) -> str:
-    command = f"safestep reproduce {result.name}" + (" --quick" if quick else "")
     lines = [f"# {result.title}", ""] + ([_QUICK_BANNER, ""] if quick else []) + [
-             f"Paper reference: {result.paper_ref}. Command: `{command}`. Seeds: {result.seeds}. "
+             f"Paper reference: {result.paper_ref}. Command: `{result.command or command(result.name, quick)}`. "
+             f"Seeds: {result.seeds}. "
              f"Run time: {result.seconds:.1f} s.", "", "## Protocol", "", result.protocol, "",
              "## Paper vs ours", ""]
     lines += _claims_table(result.claims)
@@ -107,7 +124,9 @@ def write_result(result: ExperimentResult, out_dir: str | Path, quick: bool = Fa
     for stem, build in result.figures.items():
         paths[f"{stem}.png"] = write_figure(out / f"{stem}.png", build())
     payload = {
-        "name": result.name, "title": result.title, "quick": quick, "paper_ref": result.paper_ref,
+        "name": result.name, "title": result.title, "quick": quick,
+        "command": result.command or command(result.name, quick),
+        "paper_ref": result.paper_ref,
         "protocol": result.protocol,
         "config": result.config, "seeds": result.seeds, "seconds": result.seconds, "environment": environment(),
         "claims": [vars(c) for c in result.claims], "notes": result.notes, "metrics": result.metrics,
@@ -129,3 +148,50 @@ def write_combined_report(results: list[ExperimentResult], out_dir: str | Path, 
     verdicts = [c.verdict for r in results for c in r.claims]
     lines += ["", "Verdicts: " + ", ".join(f"{v} {verdicts.count(v)}" for v in VERDICTS if verdicts.count(v)), ""]
     return write_text(Path(out_dir) / "report.md", "\n".join(lines))
+
+
+def load_results(folder: str | Path) -> list[dict[str, Any]]:
+    """Every ``*/results.json`` directly under ``folder``, sorted by experiment name."""
+    paths = sorted(Path(folder).glob("*/results.json"))
+    return [json.loads(path.read_text()) for path in paths]
+
+
+def _seeds_text(seeds: list[Any]) -> str:
+    if not seeds:
+        return "–"
+    if seeds == list(range(len(seeds))):
+        return f"{len(seeds)} (0–{len(seeds) - 1})" if len(seeds) > 1 else "1 (0)"
+    return f"{len(seeds)} ({', '.join(map(str, seeds))})"
+
+
+def reproduction_table(results: list[dict[str, Any]], folder: str = "results", missing: Sequence[str] = ()) -> str:
+    """One markdown row per claim of every result: unflattering verdicts first, then by experiment.
+
+    Columns: experiment (linking ``folder/<name>/report.md``), claim, paper, ours, verdict, seeds, command.
+    ``missing`` names experiments without a results file; each gets a "not run" row at the top.
+    """
+    rows = [(UNFLATTERING_FIRST.index(claim["verdict"]), index, payload, claim)
+            for index, payload in enumerate(results) for claim in payload["claims"]]
+    lines = ["| experiment | claim | paper | ours | verdict | seeds | command |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {name} | every claim of this experiment | – | no results file yet | **not run** | – | "
+              f"`{command(name, False)}` |" for name in missing]
+    for _, _, payload, claim in sorted(rows, key=lambda row: row[:2]):
+        name = payload["name"]
+        run = payload.get("command", command(name, payload.get("quick", False)))
+        lines.append(f"| [{name}]({folder}/{name}/report.md) | {_cell(claim['claim'])} | {_cell(claim['paper'])} | "
+                     f"{_cell(claim['ours'])} | **{claim['verdict']}** | {_seeds_text(payload['seeds'])} | `{run}` |")
+    verdicts = [claim["verdict"] for payload in results for claim in payload["claims"]]
+    quick = [payload["name"] for payload in results if payload.get("quick")]
+    lines += ["", "Verdicts: " + ", ".join(f"{v} {verdicts.count(v)}" for v in UNFLATTERING_FIRST if v in verdicts)
+              + "." + (f" Quick (CI-sized) results, not the paper's protocol: {', '.join(quick)}." if quick else "")]
+    return "\n".join(lines)
+
+
+def replace_block(text: str, table: str) -> str:
+    """``text`` with the lines between its ``<!-- reproduction-table:start ... -->`` and ``...:end -->`` markers
+    replaced by ``table`` (ValueError if the markers are missing or out of order)."""
+    pattern = re.compile(rf"({re.escape(BLOCK_START)}[^\n]*-->\n)(.*?)(^{re.escape(BLOCK_END)})", re.S | re.M)
+    match = pattern.search(text)
+    if match is None:
+        raise ValueError(f"no '{BLOCK_START} ... -->' … '{BLOCK_END}' block found")
+    return text[:match.start(2)] + table.rstrip("\n") + "\n" + text[match.start(3):]

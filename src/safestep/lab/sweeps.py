@@ -22,6 +22,7 @@ from torch.func import functional_call
 from ..geometry import radius_lower_bound
 from ..probe import LogitProbe
 from .data import Split
+from .evaluation import recalibrate_batch_norm, recalibrated_metrics
 from .training import StepRecord, TrainResult, train
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "first_crossing",
     "recalibrate_batch_norm",
     "train_classifier",
+    "train_to_accuracy",
     "finite_stats",
     "format_stats",
 ]
@@ -187,26 +189,6 @@ def first_crossing(grid: Sequence[float] | np.ndarray, values: Sequence[float] |
     return float(np.exp(np.log(xs[i - 1]) + fraction * (np.log(xs[i]) - np.log(xs[i - 1]))))
 
 
-@torch.no_grad()
-def recalibrate_batch_norm(model: nn.Module, x: Tensor) -> None:
-    """Set every batch norm's running mean/variance to the statistics of ``x`` (one train-mode pass, cumulative)."""
-    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not norms:
-        return
-    was_training = model.training
-    momenta = [m.momentum for m in norms]
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        model(x)
-    finally:
-        for m, momentum in zip(norms, momenta):
-            m.momentum = momentum
-        model.train(was_training)
-
-
 def train_classifier(model: nn.Module, data: Split, steps: int, lr: float, seed: int, batch_size: int = 64,
                      optimizer: str = "adam", weight_decay: float = 0.0,
                      progress: Callable[[StepRecord], None] | None = None) -> TrainResult:
@@ -218,6 +200,36 @@ def train_classifier(model: nn.Module, data: Split, steps: int, lr: float, seed:
                    seed=seed, progress=progress)
     recalibrate_batch_norm(model, data.x_train)
     return result
+
+
+class _TargetReached(Exception):
+    """Raised from the progress callback to end training once the target accuracy is reached."""
+
+
+def train_to_accuracy(model: nn.Module, data: Split, target: float, max_steps: int, lr: float, seed: int,
+                      batch_size: int = 64, check_every: int = 50) -> tuple[int, float]:
+    """Adam minibatch steps until the test accuracy reaches ``target`` (checked every ``check_every`` steps, eval
+    mode with batch norms recalibrated on x_train) or ``max_steps``; returns (steps taken, final test accuracy).
+
+    The model ends with its batch norms recalibrated on x_train, as after ``train_classifier``.
+    """
+    if not 0 < target <= 1 or max_steps < 1 or check_every < 1:
+        raise ValueError(f"need 0 < target <= 1, max_steps >= 1, check_every >= 1; got {target}, {max_steps}, "
+                         f"{check_every}")
+    taken = [max_steps]
+
+    def check(record: StepRecord) -> None:
+        if (record.step + 1) % check_every == 0 and recalibrated_metrics(model, data)[0] >= target:
+            taken[0] = record.step + 1
+            raise _TargetReached
+
+    try:
+        train(model, lambda p: torch.optim.Adam(p, lr=lr), data, max_steps, batch_size=batch_size, seed=seed,
+              progress=check)
+    except _TargetReached:
+        pass
+    recalibrate_batch_norm(model, data.x_train)
+    return taken[0], recalibrated_metrics(model, data)[0]
 
 
 def finite_stats(values: Sequence[float]) -> dict[str, float]:

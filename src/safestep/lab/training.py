@@ -1,5 +1,5 @@
-"""A deterministic minibatch training loop for the lab: plain, clipped (norm or AGC), SafeStep-guarded or
-gradient-direction-controlled steps.
+"""A deterministic minibatch training loop for the lab; what happens after each backward is a step rule: plain,
+clipped (norm or AGC), SafeStep-guarded or gradient-direction-controlled steps, optionally monitored.
 
 One step = forward on a minibatch, cross-entropy, backward, (clip), optimizer step with the scheduled LR.
 Minibatches come from per-epoch permutations drawn from a generator seeded by ``seed``, so two runs with the
@@ -22,7 +22,6 @@ from safestep.telemetry import StepReport
 from .data import Split
 
 __all__ = [
-    "GUARDS",
     "StepRule",
     "Stepper",
     "plain",
@@ -30,7 +29,6 @@ __all__ = [
     "adaptive_clipped",
     "guarded",
     "gradient_direction",
-    "rule_for",
     "LRSchedule",
     "OptimizerFactory",
     "StepRecord",
@@ -42,8 +40,6 @@ __all__ = [
     "train",
 ]
 
-GUARDS = ("none", "clip", "agc", "safestep", "grad-proxy")
-SELF_MEASURING = ("safestep", "grad-proxy")  # guards that record τ, ρ and r themselves
 LRSchedule = Callable[[int], float]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
 Stepper = Callable[[Tensor], "StepReport | None"]
@@ -89,7 +85,6 @@ class StepRecord:
     r_proposed = property(lambda self: self._field("r_proposed"), doc="τ/ρ before scaling")
     scale = property(lambda self: self._field("scale"), doc="the factor applied to Δθ")
     r_applied = property(lambda self: self._field("r_applied"), doc="s·τ/ρ, the applied step in radius units")
-    r = r_proposed  # transitional alias of r_proposed for the experiments' series("r")
     skipped = property(lambda self: bool(self.report is not None and self.report.skipped), doc="left at θ0")
 
     def to_dict(self) -> dict[str, Any]:
@@ -98,7 +93,7 @@ class StepRecord:
                 **({} if self.report is None else self.report.as_dict())}
 
 
-SERIES = ("lr", "loss", "tau", "rho", "r_proposed", "r", "scale", "r_applied")
+SERIES = ("lr", "loss", "tau", "rho", "r_proposed", "scale", "r_applied")
 
 
 @dataclass
@@ -246,27 +241,6 @@ def gradient_direction(**options: Any) -> StepRule:
     return rule
 
 
-def rule_for(guard: str | None, guard_options: Mapping[str, Any] | None = None, clip_norm: float = 1.0,
-             monitor: bool = False) -> StepRule:
-    """The step rule of the legacy ``train(guard=..., guard_options=..., monitor=...)`` arguments (transitional)."""
-    guard = "none" if guard is None else guard
-    if guard not in GUARDS:
-        raise ValueError(f"unknown guard {guard!r}; choose one of {GUARDS}")
-    if monitor and guard in SELF_MEASURING:
-        raise ValueError(f"monitor=True measures unguarded runs; a {guard!r} run already records τ, ρ and r")
-    options = dict(guard_options or {})
-    watch = {k: v for k, v in options.items() if k not in ("r", "mode")} if monitor else None
-    if guard == "safestep":
-        return guarded(**options)
-    if guard == "grad-proxy":
-        return gradient_direction(**options)
-    if guard == "clip":
-        return clipped(clip_norm, watch)
-    if guard == "agc":
-        return adaptive_clipped(watch, **options)
-    return plain(watch)
-
-
 def train(
     model: nn.Module,
     optimizer_factory: OptimizerFactory,
@@ -274,29 +248,21 @@ def train(
     steps: int,
     batch_size: int = 64,
     lr_schedule: LRSchedule | None = None,
-    guard: str | None = None,
+    rule: StepRule | None = None,
     seed: int = 0,
-    clip_norm: float = 1.0,
-    guard_options: Mapping[str, Any] | None = None,
-    monitor: bool = False,
     eval_every: int = 0,
     progress: Callable[[StepRecord], None] | None = None,
-    rule: StepRule | None = None,
 ) -> TrainResult:
     """Minimise mean CE(model(x), y) over ``steps`` minibatch steps; after each backward, ``rule`` updates θ.
 
-    ``rule`` is a step rule (``plain()``, ``clipped()``, ``adaptive_clipped()``, ``guarded()``,
-    ``gradient_direction()``); the legacy ``guard``/``guard_options``/``clip_norm``/``monitor`` arguments build
-    one with ``rule_for`` and cannot be combined with it. lr_schedule(t) sets every param group's LR before step t
-    (None keeps the optimizer's LR). eval_every > 0 also records test metrics before training and every that many
-    steps; the final metrics are always recorded.
+    ``rule`` is a step rule (``plain()`` by default, ``clipped()``, ``adaptive_clipped()``, ``guarded()``,
+    ``gradient_direction()``). lr_schedule(t) sets every param group's LR before step t (None keeps the optimizer's
+    LR). eval_every > 0 also records test metrics before training and every that many steps; the final metrics are
+    always recorded.
     """
     if steps < 0 or batch_size < 1 or eval_every < 0:
         raise ValueError(f"need steps >= 0, batch_size >= 1, eval_every >= 0; got {steps}, {batch_size}, {eval_every}")
-    if rule is not None and (guard is not None or guard_options is not None or monitor):
-        raise ValueError("give either rule= or the legacy guard=/guard_options=/monitor= arguments, not both")
-    rule = rule_for(guard, guard_options, clip_norm, monitor) if rule is None else rule
-    optimizer, update = rule(model, optimizer_factory(model.parameters()))
+    optimizer, update = (rule or plain())(model, optimizer_factory(model.parameters()))
 
     generator = torch.Generator().manual_seed(seed)
     batches = _minibatches(len(data.y_train), batch_size, generator)

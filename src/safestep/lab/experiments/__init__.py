@@ -8,6 +8,7 @@ import importlib
 from dataclasses import dataclass
 from typing import Callable
 
+from ..parallel import default_workers
 from ..report import ExperimentResult
 
 __all__ = ["Progress", "RunOptions", "Experiment", "REGISTRY", "load"]
@@ -18,15 +19,27 @@ Progress = Callable[[int, int, str], None]
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How to run an experiment: the quick (CI) variant or the full one, and how many seeds (None = default)."""
+    """How to run an experiment: the quick (CI) variant or the full one, how many seeds (None = default) and how
+    many worker processes (None = in-process for --quick, ``default_workers()`` = 2 on a multi-core machine
+    for a full run); ``cache`` is a folder keeping every finished unit, so an interrupted run resumes."""
 
     quick: bool = False
     seeds: int | None = None
     progress: Progress | None = None
+    workers: int | None = None
+    cache: str | None = None
 
     def __post_init__(self) -> None:
         if self.seeds is not None and self.seeds < 1:
             raise ValueError(f"seeds must be >= 1, got {self.seeds}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+
+    def worker_count(self) -> int:
+        """The worker processes to use: ``workers`` if given, else 1 for a quick run and 2 for a full one."""
+        if self.workers is not None:
+            return self.workers
+        return 1 if self.quick else default_workers()
 
     def seed_tuple(self, default: int | tuple[int, ...]) -> tuple[int, ...]:
         """Seeds 0..N-1 when N seeds were asked for, else the experiment's ``default`` (seeds, or a count)."""
@@ -63,6 +76,11 @@ REGISTRY: dict[str, str] = {
     "calibration": "safestep.lab.experiments.calibration",
     "belief-tracking": "safestep.lab.experiments.belief_tracking",
     "belief-slice": "safestep.lab.experiments.belief_slice",
+    "lm-spike": "safestep.lab.experiments.lm_spike",
+    "lm-calm": "safestep.lab.experiments.lm_calm",
+    "lm-schedule": "safestep.lab.experiments.lm_schedule",
+    "lm-binds": "safestep.lab.experiments.lm_binds",
+    "lm-belief": "safestep.lab.experiments.lm_belief",
 }
 
 

@@ -3,7 +3,7 @@
 On the slice the three rules have closed forms (t ≤ ½; mirror for t > ½): "paper" 2μ/L² = 2t²/(1−t), "sharp"
 2/L = 2t and "tangent" 2/θ_max = 4t(1−t) (θ_max = vᵀdiag(1/p)v on the 1-D tangent space v = (1, −1)/√2).
 η_ADS = η_max/(1 + α(B)) with α = −log(1 − B + ε) vanishes at the centre when ε = 0 (B = 1 there). The module
-also checks the K = 3 reference values of MATH_BELIEF.md §3. Pure deterministic math: no seeds, well under a second.
+also checks the K = 3 reference values of docs/reproduction.md. Pure deterministic math: no seeds, well under a second.
 """
 from __future__ import annotations
 
@@ -22,13 +22,15 @@ __all__ = ["ADS_EPS", "PAPER_SLICE_VALUES", "K3_REFERENCE", "slice_beliefs", "sl
            "ads_peak", "matches_printed", "run", "EXPERIMENT"]
 
 ADS_EPS = 1e-10
+# the paper's numbers are stripped from its text: its column holds our evaluation of the reconstructed formulas
+RECONSTRUCTED = "[not printed; our evaluation of the reconstructed formula] "
 GRID_POINTS = 2001  # t grid on [1e-3, 1 − 1e-3] for the figure and the monotonicity checks
 PEAK_GRID_POINTS = 400_001  # t grid on (0, ½) locating the peak of the unregularised η_ADS
-# Fig. 2 values of η_max on the slice (stripped from the paper; MATH_BELIEF.md §4 reconstruction): t -> value
+# Fig. 2 values of η_max on the slice (stripped from the paper; docs/reproduction.md reconstruction): t -> value
 PAPER_SLICE_VALUES = {1e-3: 2.0e-6, 0.1: 0.0222, 0.3: 0.257, 0.5: 1.0}
-PAPER_ADS_PEAK = (0.444, 0.124)  # (t, η_ADS) at the peak of the ε = 0 curve (MATH_BELIEF.md §4)
+PAPER_ADS_PEAK = (0.444, 0.124)  # (t, η_ADS) at the peak of the ε = 0 curve (docs/reproduction.md)
 PAPER_ADS_CENTRE = 0.0416  # η_ADS(½) with ε = 1e-10
-# MATH_BELIEF.md §3: y -> (2μ/L², 2/L, 2/θ_max), with the number of significant digits printed there
+# docs/reproduction.md: y -> (2μ/L², 2/L, 2/θ_max), with the number of significant digits printed there
 K3_REFERENCE: dict[tuple[float, ...], tuple[float, float, float]] = {
     (0.7, 0.2, 0.1): (0.02857, 0.2, 0.25119),
     (0.5, 0.3, 0.2): (0.16, 0.4, 0.4638),
@@ -124,20 +126,20 @@ def _slice_claims(t: Tensor, curves: dict[str, Tensor], peak: tuple[float, float
     peak_holds = abs(peak[0] - peak_t) < 5e-4 and abs(peak[1] - peak_value) < 5e-4
     return [
         Claim("η_max(t, 1−t) = 2t²/(1−t) for t ≤ ½",
-              ", ".join(f"{v:g} at t={k:g}" for k, v in PAPER_SLICE_VALUES.items()),
+              RECONSTRUCTED + ", ".join(f"{v:g} at t={k:g}" for k, v in PAPER_SLICE_VALUES.items()),
               ", ".join(f"{v:.4g}" for v in ours.tolist()) + f" (max rel. error vs closed form {rel_err:.1e})",
               "holds" if matches and rel_err < 1e-12 else "differs", protocol),
-        Claim("η_max collapses quadratically at the boundary", "η_max/(2t²) → 1 (1.001 at t=1e-3)",
+        Claim("η_max collapses quadratically at the boundary", RECONSTRUCTED + "η_max/(2t²) → 1 (1.001 at t=1e-3)",
               f"η_max/(2t²) = {ratio_edge:.4f} at t=1e-3", "holds" if abs(ratio_edge - 1.001) < 5e-4 else "differs",
               protocol),
         Claim("Both curves widen toward the center", "η_max and η_ADS increase toward t=½",
               f"η_max increasing on (0,½]: {max_widens}; η_ADS (ε=0) increasing: {ads_widens}, "
               f"peaks at t={peak[0]:.4f} ({peak[1]:.4f}) and is {centre0:g} at ½",
               "partly" if max_widens and not ads_widens else ("holds" if max_widens else "differs"), protocol),
-        Claim("η_ADS (ε=0) peak", f"≈{peak_value} at t≈{peak_t} (MATH_BELIEF.md §4)",
+        Claim("η_ADS (ε=0) peak", f"{RECONSTRUCTED}≈{peak_value} at t≈{peak_t}",
               f"{peak[1]:.4f} at t={peak[0]:.4f}", "holds" if peak_holds else "differs",
               f"grid of {PEAK_GRID_POINTS - 1} t values on (0, ½)"),
-        Claim("ε-regularised η_ADS at the centre", f"{PAPER_ADS_CENTRE} with ε=1e-10", f"{centre:.4f}",
+        Claim("ε-regularised η_ADS at the centre", f"{RECONSTRUCTED}{PAPER_ADS_CENTRE} with ε=1e-10", f"{centre:.4f}",
               "holds" if abs(centre - PAPER_ADS_CENTRE) < 5e-5 else "differs", protocol),
     ]
 
@@ -159,7 +161,7 @@ def _k3_claims(rows: Sequence[dict[str, Any]]) -> list[Claim]:
         holds = all(matches_printed(o, p) for o, p in zip(ours, paper))
         claims.append(Claim(
             f"K=3 thresholds at y={tuple(round(v, 4) for v in row['y'])}: paper / sharp / tangent",
-            " / ".join(f"{v:g}" for v in paper) + " (MATH_BELIEF.md §3)",
+            RECONSTRUCTED + " / ".join(f"{v:g}" for v in paper),
             " / ".join(f"{v:.5g}" for v in ours), "holds" if holds else "differs",
             "max_step(y, rule) for rule in (paper, sharp, tangent)"))
     return claims
@@ -190,16 +192,16 @@ def run(options: RunOptions) -> ExperimentResult:
         Claim("The paper's certificate is conservative (ours, not the paper's)", "not in paper",
               f"at y1=(0.7,0.2,0.1): exact PGD threshold 2/θ_max is {conservatism['tangent_over_paper_at_y1']:.2f}× "
               f"and the MD threshold 2 is {conservatism['mirror_descent_threshold_over_paper_at_y1']:.0f}× 2μ/L²",
-              "not in paper", "MATH_BELIEF.md §3 (≈9× PGD, ≈70× MD)"),
+              "not in paper", "docs/reproduction.md (≈9× PGD, ≈70× MD)"),
     ]
     return ExperimentResult(
         name="belief-slice",
         title="Admissible and ADS steps on the binary slice p = (t, 1 − t) (belief paper Fig. 2)",
-        paper_ref="arXiv 2605.06741 Fig. 2 and §3–§5 (reconstructed in MATH_BELIEF.md §3–§4)",
+        paper_ref="arXiv 2605.06741 Fig. 2 and §3–§5 (reconstructed in docs/reproduction.md)",
         protocol=("p = (t, 1 − t) for t on a uniform grid of [1e-3, 1 − 1e-3] (2001 points); η_max with the "
                   "'paper' (2·min p²/max p), 'sharp' (2·min p) and 'tangent' (2/θ_max) rules and η_ADS = "
                   "η_max/(1 + α(B)), α = −log(1 − B + ε), for ε = 1e-10 and ε = 0; the ε = 0 peak on a grid of "
-                  "400 000 points of (0, ½). K = 3 thresholds at the four beliefs of MATH_BELIEF.md §3."),
+                  "400 000 points of (0, ½). K = 3 thresholds at the four beliefs of docs/reproduction.md."),
         config={"grid": {"from": 1e-3, "to": 1 - 1e-3, "points": GRID_POINTS}, "ads_eps": ADS_EPS,
                 "peak_grid_points": PEAK_GRID_POINTS, "rules": list(RULES), "quick": options.quick},
         seeds=[],
@@ -211,7 +213,7 @@ def run(options: RunOptions) -> ExperimentResult:
         notes=[
             "Deterministic math: seeds are irrelevant (--seeds is ignored) and --quick runs the full experiment.",
             "The paper's numbers are stripped from its text; the 'paper' column is the reconstruction of "
-            "MATH_BELIEF.md §3–§4 (the paper itself states only the 2μ/L² rule; 'sharp' and 'tangent' are ours).",
+            "docs/reproduction.md (the paper itself states only the 2μ/L² rule; 'sharp' and 'tangent' are ours).",
             "On the slice the rules have closed forms: 2t²/(1−t), 2t and 4t(1−t) for t ≤ ½ (tests check them).",
             "results.json keeps every 20th grid point of each curve.",
         ],

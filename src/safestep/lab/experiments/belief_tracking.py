@@ -1,11 +1,12 @@
 """Belief paper §10: tracking a target that shifts y1 → y2 on the 3-class simplex with Low, High and ADS steps.
 
-The reconstruction of MATH_BELIEF.md §7: K = 3, uniform start, entropic mirror descent on E(p) = −Σ y_t log p
+The reconstruction of docs/reproduction.md: K = 3, uniform start, entropic mirror descent on E(p) = −Σ y_t log p
 (``safestep.geometry.mirror_step``), y_t = y1 = (0.7, 0.2, 0.1) for t < 300 and y2 = (0.1, 0.2, 0.7) after, T = 600.
 Strategies: Low (η = 0.02, below η_max(p_t) along the whole path), High (η = 1.5, far above it) and ADS-aware
 (η_t = ads_step(p_t) = η_max(p_t)/(1 + α(B(p_t))), ε = 1e-10). Side studies: the High outcome as a function of η
-(which vertex it collapses to) and the same strategies under the projected step (``projected_step``), the
-paper's theory model. Pure deterministic float64 math: no seeds, a few seconds in total.
+(which vertex it collapses to, from η below every admissible bound up to 5), set against the bound η_max(y) of
+every step rule in ``safestep.geometry.simplex.RULES`` (where collapse begins, and how conservative each bound
+is), and the same strategies under the projected step (``projected_step``), the paper's theory model. Pure deterministic float64 math: no seeds, a few seconds in total.
 """
 from __future__ import annotations
 
@@ -18,12 +19,14 @@ import torch
 from torch import Tensor
 
 from ...geometry import ads_step, max_step, mirror_step, projected_step
+from ...geometry.simplex import RULES
 from ..report import Claim, ExperimentResult
 from . import Experiment, RunOptions
 
 __all__ = [
     "Y1", "Y2", "STEPS", "SHIFT", "ADS_EPS", "Strategy", "MIRROR_STRATEGIES", "PGD_STRATEGIES", "Tracking",
-    "kl_divergence", "high_sweep_etas", "track", "first_index", "end_state", "summarize", "outcome_ranges",
+    "kl_divergence", "high_sweep_etas", "sweep_etas", "bound_table", "track", "first_index", "end_state",
+    "summarize", "outcome_ranges",
     "run", "EXPERIMENT",
 ]
 
@@ -36,6 +39,7 @@ KL_TOLERANCES = (1e-3, 1e-4)
 LINF_TOLERANCE = 0.01
 RECOVERED_KL = 1e-3  # an end state with KL(y2‖p_T) below this counts as having tracked y2
 SWEEP_RANGE = (0.1, 5.0, 0.02)  # High η sweep: start, stop (inclusive), step
+LOW_SWEEP = (0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.06, 0.07, 0.08, 0.09)  # below SWEEP_RANGE
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,30 @@ def high_sweep_etas() -> list[float]:
     """The High η grid of the sensitivity sweep: 0.10, 0.12, …, 5.00."""
     start, stop, step = SWEEP_RANGE
     return [round(start + i * step, 2) for i in range(int(round((stop - start) / step)) + 1)]
+
+
+def sweep_etas() -> list[float]:
+    """The whole fixed-η sweep: LOW_SWEEP (down past the tightest bound) followed by the High grid."""
+    return [*LOW_SWEEP, *high_sweep_etas()]
+
+
+def bound_table(etas: Sequence[float], sweep: Sequence[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Per rule of RULES: η_max at y1 and y2, the outcomes of every swept η at or below the bound, and where
+    collapse begins (the smallest η ending on a vertex) as a multiple of the bound."""
+    collapsing = [eta for eta, s in zip(etas, sweep) if s["end_state"].startswith("e")]
+    first_collapse = min(collapsing, default=math.nan)
+    tracking_below = [eta for eta, s in zip(etas, sweep) if s["end_state"] == "y2" and eta < first_collapse]
+    table = {}
+    for rule in RULES:
+        at = {name: float(max_step(torch.tensor(y, dtype=torch.float64), rule)) for name, y in (("y1", Y1), ("y2", Y2))}
+        bound = min(at.values())
+        within = [s["end_state"] for eta, s in zip(etas, sweep) if eta <= bound]
+        table[rule] = {"bound_at_y1": at["y1"], "bound_at_y2": at["y2"], "bound": bound,
+                       "swept_at_or_below": len(within), "collapsed_at_or_below": sum(o.startswith("e") for o in within),
+                       "tracked_at_or_below": within.count("y2"), "first_collapse": first_collapse,
+                       "first_collapse_over_bound": first_collapse / bound,
+                       "largest_tracking_below_collapse": max(tracking_below, default=math.nan)}
+    return table
 
 
 def track(update: Update, etas: Sequence[float | None], steps: int = STEPS, shift: int = SHIFT,
@@ -262,7 +290,7 @@ def _step_figure(tracking: Tracking, strategies: Sequence[Strategy], rows: Seque
     return fig
 
 
-def _sweep_figure(etas: Sequence[float], sweep: Sequence[dict[str, Any]]) -> Any:
+def _sweep_figure(etas: Sequence[float], sweep: Sequence[dict[str, Any]], bounds: dict[str, dict[str, Any]]) -> Any:
     from matplotlib.figure import Figure
 
     colors = {"e1": "tab:red", "e2": "tab:green", "e3": "tab:purple", "y2": "tab:blue", "interior": "0.5"}
@@ -274,9 +302,13 @@ def _sweep_figure(etas: Sequence[float], sweep: Sequence[dict[str, Any]]) -> Any
             x, y = zip(*chosen)
             ax.plot(x, y, "o", ms=3, color=color, label="tracks y2" if state == "y2" else f"ends at {state}")
     ax.axhline(math.log(10), color="k", ls=":", lw=1, label="ln 10 (the paper's 'above 2.3')")
-    ax.set_xlabel("fixed step η of the High strategy")
+    for (rule, row), style in zip(bounds.items(), ("--", "-.", ":", (0, (5, 1)), (0, (1, 3)))):
+        ax.axvline(row["bound"], color="0.3", ls=style, lw=1, label=f"η_max(y), {rule} rule = {row['bound']:.3g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("fixed step η (log scale)")
     ax.set_ylabel("KL(p_T ‖ y2) (nats)")
-    ax.set_title("Mirror descent: where a fixed step ends after the shift (T = 600)", fontsize=10)
+    ax.set_title("Mirror descent: where a fixed step ends after the shift (T = 600), vs the admissible bounds",
+                 fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return fig
@@ -319,17 +351,33 @@ def _pgd_verdict(high: dict[str, Any]) -> str:
     return "holds" if min(high["kl_p_y2_last_two"]) > 2.3 else "partly"
 
 
-def _claims(md: dict[str, dict[str, Any]], pgd: dict[str, dict[str, Any]], sweep_etas: list[float],
+def _bound_claims(table: dict[str, dict[str, Any]]) -> list[Claim]:
+    claims = []
+    for rule, row in table.items():
+        safe = row["collapsed_at_or_below"] == 0
+        claims.append(Claim(
+            f"Fixed η at or below η_max ({rule} rule) never collapses; how conservative the bound is",
+            "η ≤ η_max is admissible (sufficient, no number)" if rule == "paper" else "not in paper (rule of ours)",
+            f"η_max(y1) = η_max(y2) = {row['bound']:.4g}: {row['swept_at_or_below']} swept η at or below it, "
+            f"{row['tracked_at_or_below']} track y2, {row['collapsed_at_or_below']} collapse; collapse begins at "
+            f"η = {row['first_collapse']:g} = {row['first_collapse_over_bound']:.1f}× the bound (largest tracking η "
+            f"below it {row['largest_tracking_below_collapse']:g})",
+            ("holds" if safe else "differs") if rule == "paper" else "not in paper",
+            "MD, fixed η swept (LOW_SWEEP ∪ 0.10–5.00 step 0.02); bound = max_step(y, rule) at the two targets"))
+    return claims
+
+
+def _claims(md: dict[str, dict[str, Any]], pgd: dict[str, dict[str, Any]], etas: list[float],
             sweep: list[dict[str, Any]]) -> list[Claim]:
     low, ads, high = md[LOW.label], md[ADS.label], md[HIGH.label]
-    protocol = "MD, T=600, shift at 300, uniform start; MATH_BELIEF.md §7 reconstruction"
+    protocol = "MD, T=600, shift at 300, uniform start; docs/reproduction.md reconstruction"
     high_holds = high["end_state"].startswith("e") and high["kl_p_end_y2"] > 2.3
     tracks = [s["kl_y1_p_at_shift"] < 1e-4 and s["kl_y2_p_end"] < 1e-4 for s in (low, ads)]
     low_steps, ads_steps = low["steps_to_kl_0.001"], ads["steps_to_kl_0.001"]
     faster = ads_steps is not None and (low_steps is None or ads_steps < low_steps)
-    collapsing = [eta for eta, s in zip(sweep_etas, sweep) if s["end_state"].startswith("e")]
-    recovering = [eta for eta, s in zip(sweep_etas, sweep) if s["end_state"] == "y2"]
-    ln10 = [eta for eta, s in zip(sweep_etas, sweep) if s["end_state"] == "e1"]
+    collapsing = [eta for eta, s in zip(etas, sweep) if s["end_state"].startswith("e")]
+    recovering = [eta for eta, s in zip(etas, sweep) if s["end_state"] == "y2"]
+    ln10 = [eta for eta, s in zip(etas, sweep) if s["end_state"] == "e1"]
     pgd_high = pgd[HIGH.label]
     return [
         Claim("High η collapses to a vertex; KL stays above 2.3", "KL(p‖y2) 'above 2.3' (η stripped)",
@@ -350,10 +398,11 @@ def _claims(md: dict[str, dict[str, Any]], pgd: dict[str, dict[str, Any]], sweep
               f"Low {low['share_eta_above_eta_max']:.2f}, ADS {ads['share_eta_above_eta_max']:.2f}",
               "holds" if high["share_eta_above_eta_max"] > 0.99 and low["share_eta_above_eta_max"] == 0 else "differs",
               protocol),
-        Claim("Sensitivity: the High outcome over η ∈ [0.1, 5] (step 0.02)", "one unstated η",
-              f"collapse to a vertex for {len(collapsing)}/{len(sweep_etas)} η "
+        Claim("Sensitivity: the fixed-η outcome over the whole sweep (0.005–5)", "one unstated η",
+              f"collapse to a vertex for {len(collapsing)}/{len(etas)} η "
               f"(smallest {min(collapsing, default=math.nan)}); "
-              f"recovers to y2 for {len(recovering)}; 'above 2.3' (vertex e1, ln 10) only for {len(ln10)} η",
+              f"recovers to y2 for {len(recovering)}; 'above 2.3' (vertex e1, KL = ln 10) only for {len(ln10)} η: "
+              "the 2.3 is a property of the chosen η = 1.5, not of collapse",
               "partly", "MD, same protocol, fixed η swept; the vertex reached is chaotic in η"),
         Claim("Same collapse under the projected step (the theory model)", "KL 'above 2.3'",
               f"PGD η=1.5: ends in {pgd_high['end_state']}, KL(p‖y2) alternates "
@@ -366,8 +415,8 @@ def _claims(md: dict[str, dict[str, Any]], pgd: dict[str, dict[str, Any]], sweep
 def run(options: RunOptions) -> ExperimentResult:
     """Run the §10 tracking experiment (the quick variant is the full run: it takes seconds)."""
     started = time.perf_counter()
-    sweep_etas = high_sweep_etas()
-    md_strategies = list(MIRROR_STRATEGIES) + [Strategy(f"sweep {eta}", eta) for eta in sweep_etas]
+    etas = sweep_etas()
+    md_strategies = list(MIRROR_STRATEGIES) + [Strategy(f"sweep {eta}", eta) for eta in etas]
     options.report(0, 2, "mirror descent")
     md_run = track(mirror_step, [s.eta for s in md_strategies])
     options.report(1, 2, "projected step")
@@ -377,9 +426,10 @@ def run(options: RunOptions) -> ExperimentResult:
     md = {s.label: summarize(md_run, i) for i, s in enumerate(MIRROR_STRATEGIES)}
     pgd = {s.label: summarize(pgd_run, i) for i, s in enumerate(PGD_STRATEGIES)}
     offset = len(MIRROR_STRATEGIES)
-    sweep = [summarize(md_run, offset + i) for i in range(len(sweep_etas))]
+    sweep = [summarize(md_run, offset + i) for i in range(len(etas))]
     outcomes = [_outcome(s) for s in sweep]
-    sweep_table = [{"eta_from": a, "eta_to": b, "outcome": o} for a, b, o in outcome_ranges(sweep_etas, outcomes)]
+    sweep_table = [{"eta_from": a, "eta_to": b, "outcome": o} for a, b, o in outcome_ranges(etas, outcomes)]
+    bounds = bound_table(etas, sweep)
 
     main_rows = [md_strategies.index(s) for s in (LOW, ADS, HIGH)]
     main = [LOW, ADS, HIGH]
@@ -387,33 +437,33 @@ def run(options: RunOptions) -> ExperimentResult:
         "trajectories": lambda: _trajectory_figure(md_run, main, main_rows, "Entropic mirror descent on the simplex"),
         "kl_vs_step": lambda: _kl_figure(md_run, main, main_rows),
         "eta_vs_eta_max": lambda: _step_figure(md_run, main, main_rows),
-        "high_eta_sweep": lambda: _sweep_figure(sweep_etas, sweep),
+        "high_eta_sweep": lambda: _sweep_figure(etas, sweep, bounds),
         "pgd_trajectories": lambda: _trajectory_figure(pgd_run, PGD_STRATEGIES, range(len(PGD_STRATEGIES)),
                                                        "Projected gradient step (theory model) on the simplex"),
     }
     notes = [_strategy_line("MD", s.label, md[s.label]) for s in MIRROR_STRATEGIES]
     notes += [_strategy_line("PGD", s.label, pgd[s.label]) for s in PGD_STRATEGIES]
-    notes.append("High η sweep (MD), end state by η range: "
+    notes.append("Fixed η sweep (MD), end state by η range: "
                  + "; ".join(f"{_fmt_range(r['eta_from'], r['eta_to'])}: {r['outcome']}" for r in sweep_table))
     notes += [
         "Deterministic float64 math: seeds are irrelevant (--seeds is ignored) and --quick runs the full experiment.",
         "The paper's numbers (targets, η values, T, KL direction) are stripped from the text; we follow the "
-        "reconstruction of MATH_BELIEF.md §7: y1=(0.7,0.2,0.1), y2=(0.1,0.2,0.7), T=600, shift at 300, "
+        "reconstruction of docs/reproduction.md: y1=(0.7,0.2,0.1), y2=(0.1,0.2,0.7), T=600, shift at 300, "
         "η_low=0.02, η_high=1.5, ADS ε=1e-10, reported KL = KL(p_t‖y_t) (KL(y_t‖p_t) is +inf at a vertex).",
         "The absorbing vertex is a float64 effect: the other coordinates underflow to exactly 0 and a multiplicative "
-        "update never revives a 0 (a high-precision run keeps hopping between vertices, MATH_BELIEF.md §7).",
+        "update never revives a 0 (a high-precision run keeps hopping between vertices, docs/reproduction.md).",
         "Steps after the shift count s = t − 300 for the first belief p_t meeting the tolerance.",
-        "MATH_BELIEF.md §7 reports MD collapse for η ≥ 0.8 and recovery for 0.5–0.7; our grid (batched float64) "
+        "docs/reproduction.md reports MD collapse for η ≥ 0.8 and recovery for 0.5–0.7; our grid (batched float64) "
         "collapses from η = 0.74, and otherwise matches its vertex table (1.30–1.42 e3, 1.44–1.54 e1, 1.56–1.60 e2, "
         "2.0 e2, 2.25–4.0 e1, 4.25–4.5 e2, ≥ 4.75 e3). The exact vertex is chaotic in η and sensitive to rounding.",
         "Under the projected step a high η does not stick to one vertex: it ends in a 2-cycle between vertices "
-        "(MATH_BELIEF.md §7 reads the even-step state e2 as the end point); KL(p‖y2) then alternates, never ln 10.",
-        "Extra rows Low 0.01 and High 2.5 are from MATH_BELIEF.md §7's table; High 0.3 is the PGD row it discusses.",
+        "(docs/reproduction.md reads the even-step state e2 as the end point); KL(p‖y2) then alternates, never ln 10.",
+        "Extra rows Low 0.01 and High 2.5 are from the reconstruction's table (docs/reproduction.md); High 0.3 is the PGD row it discusses.",
     ]
     return ExperimentResult(
         name="belief-tracking",
         title="Belief tracking under a target shift: Low, High and ADS-aware steps (belief paper §10)",
-        paper_ref="arXiv 2605.06741 §10 (reconstructed in MATH_BELIEF.md §7)",
+        paper_ref="arXiv 2605.06741 §10 (reconstructed in docs/reproduction.md)",
         protocol=("K=3, p_0 uniform, p_{t+1} ∝ p_t·exp(η_t·y_t/max(p_t,1e-12)) (entropic mirror descent on CE), "
                   "y_t = (0.7,0.2,0.1) for t<300 then (0.1,0.2,0.7), T=600. Low η=0.02, High η=1.5, "
                   "ADS-aware η_t = η_max(p_t)/(1+α(B(p_t))) with η_max = 2·min p²/max p, α = −log(1−B+1e-10). "
@@ -423,12 +473,13 @@ def run(options: RunOptions) -> ExperimentResult:
                 "mirror_strategies": [(s.label, s.eta) for s in MIRROR_STRATEGIES],
                 "pgd_strategies": [(s.label, s.eta) for s in PGD_STRATEGIES],
                 "high_sweep": {"from": SWEEP_RANGE[0], "to": SWEEP_RANGE[1], "step": SWEEP_RANGE[2]},
+                "low_sweep": list(LOW_SWEEP), "rules": list(RULES),
                 "gradient_floor": 1e-12, "quick": options.quick},
         seeds=[],
-        metrics={"mirror_descent": md, "projected_step": pgd, "high_sweep_ranges": sweep_table,
+        metrics={"mirror_descent": md, "projected_step": pgd, "high_sweep_ranges": sweep_table, "bounds": bounds,
                  "high_sweep": [{"eta": eta, "end_state": s["end_state"], "kl_p_end_y2": s["kl_p_end_y2"],
-                                 "absorbed_at": s["absorbed_at"]} for eta, s in zip(sweep_etas, sweep)]},
-        claims=_claims(md, pgd, sweep_etas, sweep),
+                                 "absorbed_at": s["absorbed_at"]} for eta, s in zip(etas, sweep)]},
+        claims=_claims(md, pgd, etas, sweep) + _bound_claims(bounds),
         figures=figures,
         notes=notes,
         seconds=time.perf_counter() - started,

@@ -17,8 +17,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ...step import displacement, rescale, snapshot
 from ..data import Split, load_digits_split
 from ..internal_radii import RADIUS_NAMES, Radii, TinyTransformer, bottleneck_radii, internal_slopes
+from ..parallel import run_units
 from ..report import Claim, ExperimentResult
 from ..training import evaluate
 from . import Experiment, RunOptions
@@ -27,11 +29,14 @@ __all__ = ["MODES", "BottleneckConfig", "FULL", "QUICK", "RunLog", "train_mode",
            "EXPERIMENT"]
 
 MODES = ("min", "out", "attn", "ffn", "fixed-1x", "fixed-16x")
+PAPER_MODES = ("min", "out", "fixed-1x", "fixed-16x")  # the reference's canonical modes (all-radii = "min")
 PHASES = ("early", "middle", "late")
 _FIXED_FACTORS = {"fixed-1x": 1.0, "fixed-16x": 16.0}
 _CONTROLLED = {"min", *RADIUS_NAMES}
+FULL_TIME = ("≈ 40 min quiet on 2 workers (5 seeds × 4 modes × 1201 full-batch steps; a controlled step ≈ 0.3 s, "
+             "a fixed one ≈ 0.1 s, one thread); 2–3× longer on a loaded machine")
 
-# Table 2 of the paper (REFERENCE.md §2.6): binding counts per phase and median radii in the all-radii mode.
+# Table 2 of the paper (docs/reproduction.md): binding counts per phase and median radii in the all-radii mode.
 PAPER_COUNTS = {"early": {"ffn": (94, 100), "out": (6, 100), "attn": (0, 100)},
                 "middle": {"ffn": (48, 100), "out": (52, 100), "attn": (0, 100)},
                 "late": {"ffn": (8, 105), "out": (97, 105), "attn": (0, 105)}}
@@ -48,7 +53,7 @@ class BottleneckConfig:
     eval_every: int = 20
     train_size: int | None = None
     seeds: tuple[int, ...] = (0, 1, 2, 3, 4)
-    modes: tuple[str, ...] = MODES
+    modes: tuple[str, ...] = PAPER_MODES
     base_lr: float = 2e-3
     weight_decay: float = 1e-4
     ffn_quantile: float = 0.01
@@ -94,31 +99,30 @@ def _digits(train_size: int | None) -> Split:
     return replace(split, x_train=split.x_train[rows], y_train=split.y_train[rows])
 
 
-def _global_norm(tensors: list[Tensor]) -> float:
-    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(t.double()) for t in tensors])))
-
-
 def _step(model: TinyTransformer, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor, mode: str,
           measure: bool, ffn_quantile: float) -> tuple[float, Radii | None, float]:
-    """One full-batch AdamW step, rescaled to length ρ_mode in set modes; returns (loss, radii, ‖applied step‖)."""
+    """One full-batch AdamW step, rescaled to length ρ_mode in set modes; returns (loss, radii, ‖applied step‖).
+
+    The step is the core's (safestep.step): snapshot θ0, the inner step, Δθ and τ, and θ = θ0 + (ρ/τ)·Δθ.
+    """
     loss = F.cross_entropy(model(x), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
-    params = dict(model.named_parameters())
-    theta0 = {name: p.detach().clone() for name, p in params.items()}
+    names = [name for name, _ in model.named_parameters()]
+    live = [p.detach() for p in model.parameters()]
+    theta0 = snapshot(live)
     optimizer.step()
-    delta = {name: p.detach() - theta0[name] for name, p in params.items()}
-    tau = _global_norm(list(delta.values()))
+    step = displacement(live, theta0)
+    tau = float(step.tau)
     if not (measure or mode in _CONTROLLED) or not math.isfinite(tau) or tau == 0.0:
         return loss.item(), None, tau
-    radii = bottleneck_radii(internal_slopes(model, theta0, {n: d / tau for n, d in delta.items()}, x), ffn_quantile)
+    direction = {name: d / tau for name, d in zip(names, step.delta)}
+    radii = bottleneck_radii(internal_slopes(model, dict(zip(names, theta0)), direction, x), ffn_quantile)
     if mode not in _CONTROLLED:
         return loss.item(), radii, tau
     rho = radii.smallest if mode == "min" else getattr(radii, mode)
-    scale = rho / tau
     with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(theta0[name] + scale * delta[name])
+        rescale(live, step, rho / tau)
     return loss.item(), radii, rho
 
 
@@ -152,6 +156,11 @@ def train_mode(mode: str, seed: int, data: Split, config: BottleneckConfig) -> R
     with torch.no_grad():
         log.final_train_loss = float(F.cross_entropy(model(data.x_train), data.y_train))
     return log
+
+
+def run_unit(mode: str, seed: int, config: BottleneckConfig) -> RunLog:
+    """``train_mode`` on the protocol's split (a worker-process unit)."""
+    return train_mode(mode, seed, _digits(config.train_size), config)
 
 
 def _phase_slices(n_points: int) -> list[slice]:
@@ -214,9 +223,15 @@ def _count_text(counts: dict[str, int], total: int) -> str:
     return ", ".join(f"{name.upper()} {counts[name]}/{total}" for name in ("ffn", "out", "attn"))
 
 
+def _seed_range(values: list[float], fmt: str) -> str:
+    finite = [v for v in values if math.isfinite(v)]
+    return f"{format(min(finite), fmt)}–{format(max(finite), fmt)}" if finite else "n/a"
+
+
 def _claims(table: dict[str, dict[str, Any]], modes: dict[str, dict[str, Any]],
-            trajectories: dict[str, int]) -> list[Claim]:
+            trajectories: dict[str, int], per_seed: list[dict[str, dict[str, Any]]]) -> list[Claim]:
     claims = []
+    seeds = len(per_seed)
     for phase in PHASES:
         row = table[phase]
         total = row["total"]
@@ -227,14 +242,22 @@ def _claims(table: dict[str, dict[str, Any]], modes: dict[str, dict[str, Any]],
         clear = total and row["counts"][ours_top] > total / 2 and paper[expected][0] > paper[expected][1] * 0.75
         verdict = ("holds" if ours_top == expected else "differs") if clear else (
             "partly" if total and row["counts"][expected] > 0 else "differs")
+        shares = {name: [seed[phase]["counts"][name] / seed[phase]["total"] if seed[phase]["total"] else math.nan
+                         for seed in per_seed] for name in RADIUS_NAMES}
+        spread = ", ".join(f"{name.upper()} {_seed_range(shares[name], '.0%')}" for name in ("ffn", "out"))
         claims.append(Claim(f"{phase} third: which radius binds (all-radii mode)", paper_text,
-                            _count_text(row["counts"], total), verdict))
+                            f"{_count_text(row['counts'], total)} pooled over {seeds} seed(s); per-seed share "
+                            f"range: {spread}", verdict,
+                            "logged points of the all-radii run (every eval_every steps), pooled over seeds"))
         medians = row["median"]
         paper_medians = PAPER_MEDIANS[phase]
         same_order = sorted(RADIUS_NAMES, key=lambda n: medians[n]) == sorted(RADIUS_NAMES, key=paper_medians.get)
+        ranges = " / ".join(_seed_range([seed[phase]["median"][n] for seed in per_seed], ".3g")
+                            for n in ("ffn", "out", "attn"))
         claims.append(Claim(f"{phase} third: median ρ_ffn / ρ_out / ρ_attn",
                             " / ".join(f"{paper_medians[n]:.3g}" for n in ("ffn", "out", "attn")),
-                            " / ".join(f"{medians[n]:.3g}" for n in ("ffn", "out", "attn")),
+                            " / ".join(f"{medians[n]:.3g}" for n in ("ffn", "out", "attn"))
+                            + f" (per-seed medians {ranges})",
                             "holds" if same_order else "partly" if medians["attn"] == max(medians.values()) else
                             "differs"))
     attn_total = sum(table[p]["counts"]["attn"] for p in PHASES)
@@ -251,7 +274,8 @@ def _claims(table: dict[str, dict[str, Any]], modes: dict[str, dict[str, Any]],
     if "min" in accuracy:
         best = max(accuracy, key=lambda m: accuracy[m] if math.isfinite(accuracy[m]) else -1.0)
         claims.append(Claim("all-radii gives the highest test accuracy", "not in paper (stated, no number)",
-                            ", ".join(f"{m} {a:.3f}" for m, a in accuracy.items()),
+                            ", ".join(f"{m} {a:.3f} ({_seed_range(modes[m]['final_accuracy'], '.3f')})"
+                                      for m, a in accuracy.items()),
                             "holds" if accuracy["min"] >= accuracy[best] - 0.005 else "differs"))
     if "fixed-16x" in modes and "min" in modes:
         loss16, loss_min = modes["fixed-16x"]["median_final_train_loss"], modes["min"]["median_final_train_loss"]
@@ -268,9 +292,6 @@ def _claims(table: dict[str, dict[str, Any]], modes: dict[str, dict[str, Any]],
 
 
 def _radii_figure(logs: list[RunLog]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(7.5, 4.2))
@@ -293,9 +314,6 @@ def _radii_figure(logs: list[RunLog]) -> Any:
 
 
 def _training_figure(logs: list[RunLog]) -> Any:
-    import matplotlib
-
-    matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
     figure = Figure(figsize=(11, 4.2))
@@ -320,13 +338,12 @@ def run_config(config: BottleneckConfig, options: RunOptions) -> ExperimentResul
     """Run every (mode, seed) of ``config`` and build the Table 2 / Fig. 11 result."""
     started = time.perf_counter()
     data = _digits(config.train_size)
-    jobs = [(mode, seed) for mode in config.modes for seed in config.seeds]
-    logs = []
-    for done, (mode, seed) in enumerate(jobs):
-        logs.append(train_mode(mode, seed, data, config))
-        options.report(done + 1, len(jobs), f"{mode} seed {seed}")
+    units = [(mode, seed, config) for mode in config.modes for seed in config.seeds]
+    logs = run_units(run_unit, units, options.worker_count(), options.report, cache=options.cache, label=lambda u: f"{u[0]} seed {u[1]}",
+                     cost=lambda u: 2.0 if u[0] in _CONTROLLED else 1.0)
     minimum = [log for log in logs if log.mode == "min"]
     table = phase_table(minimum)
+    per_seed = [phase_table([log]) for log in minimum]
     modes = _mode_summary(logs)
     trajectories = _seed_trajectories(minimum)
     protocol = (f"TinyTransformer (2 pre-LN blocks, d 32, 4 heads), full batch of {len(data.y_train)} train rows, "
@@ -342,7 +359,9 @@ def run_config(config: BottleneckConfig, options: RunOptions) -> ExperimentResul
         "logits and slopes, while ρ_attn and ρ_ffn need internal tensors of the same JVP.",
         "Split: default_rng(42) permutation, 539 test / 1258 train (the reference's). Phases: the logged points of "
         "each seed cut into thirds (20/20/21 for 61 points; the paper's split is inferred).",
-        "Model: qkv bias-free, attention projection with bias (REFERENCE is ambiguous about the projection bias).",
+        "Modes: the full run trains the reference's canonical four (all-radii = min, output-only, fixed 1×, fixed "
+        "16×); the attention-only and FFN-only controllers exist (BottleneckConfig.modes) but are not in it.",
+        "Model: qkv bias-free, attention projection with bias (the reference code is ambiguous about the projection bias).",
     ]
     if config != FULL:
         notes.append(f"Reduced protocol (not the paper's): {asdict(config)}; the paper: 1200 steps, eval every 20, "
@@ -351,9 +370,9 @@ def run_config(config: BottleneckConfig, options: RunOptions) -> ExperimentResul
         name="bottlenecks", title="Fig. 11 / Table 2: which radius binds in a tiny transformer",
         paper_ref="Ghosts of Softmax §6.6, Fig. 11, Table 2", protocol=protocol, config=asdict(config),
         seeds=list(config.seeds),
-        metrics={"phases": table, "modes": modes, "seed_trajectories": trajectories,
+        metrics={"phases": table, "phases_per_seed": per_seed, "modes": modes, "seed_trajectories": trajectories,
                  "runs": [asdict(log) for log in logs]},
-        claims=_claims(table, modes, trajectories),
+        claims=_claims(table, modes, trajectories, per_seed),
         figures={"radii": lambda: _radii_figure(minimum), "training": lambda: _training_figure(logs)} if minimum
         else {"training": lambda: _training_figure(logs)},
         notes=notes, seconds=time.perf_counter() - started,
@@ -370,7 +389,7 @@ EXPERIMENT = Experiment(
     name="bottlenecks",
     paper_ref="Ghosts of Softmax, Fig. 11 / Table 2",
     summary="Tiny transformer: ρ_out vs ρ_attn vs ρ_ffn set-mode controllers and which radius binds per phase",
-    full_time="≈ 5 h quiet, ≈ 20 h loaded (estimated from per-step timings)",
+    full_time=FULL_TIME,
     quick_time="≈ 25 s (≈ 2 min on the loaded machine)",
     run=run,
 )

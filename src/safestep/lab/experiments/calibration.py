@@ -19,7 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from ...geometry import exact_radius, radius_lower_bound, spread
-from ...probe import InputCapture, LogitProbe
+from ...probe import Displacement, InputCapture, Inputs, LogitProbe
+from ...step import displacement, probe_slopes, snapshot
 from ..data import Split, load_digits_split
 from ..models import build_model
 from ..report import Claim, ExperimentResult
@@ -88,7 +89,7 @@ class ProbingOptimizer:
         self._count = 0
         self._probe = LogitProbe(model)
         self._capture = InputCapture(model)
-        self._params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+        self._params = [p for p in model.parameters() if p.requires_grad]
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -100,23 +101,23 @@ class ProbingOptimizer:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
     def step(self) -> None:
-        """Take the wrapped optimizer's step; on probe steps measure ρ* and ρ_a along it at θ0."""
+        """Take the wrapped optimizer's step; on probe steps measure ρ* and ρ_a along it at θ0 (safestep.step)."""
         inputs = self._capture.pop()
-        probe_now = self._count % self.every == 0
-        theta0 = {name: p.detach().clone() for name, p in self._params.items()} if probe_now else None
+        live = [p.detach() for p in self._params]
+        theta0 = snapshot(live) if self._count % self.every == 0 else None
         self.optimizer.step()
         if theta0 is not None:
             if inputs is None:
                 raise ValueError("no minibatch was captured before the step: call the model with gradients enabled")
-            self._record(theta0, inputs)
+            self._record(displacement(live, theta0), inputs)
         self._count += 1
 
-    def _record(self, theta0: dict[str, Tensor], inputs: Tensor) -> None:
-        delta = {name: p.detach() - theta0[name] for name, p in self._params.items()}
-        tau = float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in delta.values()])))
+    def _record(self, step: Displacement, inputs: Inputs) -> None:
+        tau = float(step.tau)
         if not math.isfinite(tau) or tau == 0.0:
             return
-        slopes = self._probe(theta0, {name: d / tau for name, d in delta.items()}, inputs)
+        with self._capture.paused():
+            slopes = probe_slopes(self._probe, self._params, step, inputs, "jvp")
         ratios, batch_ratio = radius_ratios(slopes.logits, slopes.slopes)
         self.records.append(ProbeRecord(self._count, ratios, batch_ratio, tau))
 
