@@ -13,17 +13,17 @@ from torch.func import functional_call, jvp
 from safestep import SafeStep
 from safestep.bounds import Belief, Exact, Ghost
 
+from _small import small_data, small_mlp
+
 IGNORE = -100
 
 
 def _data(n=24, k=6, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 8, generator=g), torch.randint(0, k, (n,), generator=g)
+    return small_data(n, k, seed)
 
 
 def _mlp(k=6, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, k))
+    return small_mlp(k, seed)
 
 
 def _snapshot(model):

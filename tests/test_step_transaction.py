@@ -10,15 +10,15 @@ from torch import nn
 from safestep import SafeStep
 from safestep.telemetry import CSVSink
 
+from _small import small_data, small_mlp
+
 
 def _data(n=32, k=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 8, generator=g), torch.randint(0, k, (n,), generator=g)
+    return small_data(n, k, seed)
 
 
 def _mlp(k=5, seed=0):
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, k))
+    return small_mlp(k, seed)
 
 
 def _params(model):

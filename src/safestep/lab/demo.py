@@ -17,7 +17,7 @@ from typing import IO, Any, Callable
 import torch
 
 from .data import Split, load_digits_split
-from .io import json_ready, write_atomically, write_json, write_text
+from .io import json_ready, text_table, write_atomically, write_json, write_text
 from .models import build_model
 from .training import StepRule, TrainResult, clipped, guarded, lr_spike, plain, train
 
@@ -143,15 +143,7 @@ _HEADER = ["model", "method", "final test acc", "final test loss", "max r = Ï„/Ï
 
 def format_table(result: DemoResult, markdown: bool = False) -> str:
     """The per (model, method) summary as aligned text, or as a markdown table when ``markdown``."""
-    rows = [_HEADER, *_table_rows(result)]
-    if markdown:
-        lines = ["| " + " | ".join(r) + " |" for r in rows]
-        lines.insert(1, "|" + "|".join("---" for _ in _HEADER) + "|")
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADER))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(_HEADER, _table_rows(result), markdown)
 
 
 def _plot(result: DemoResult, handle: IO[bytes]) -> None:

@@ -18,7 +18,7 @@ from typing import IO, Any, Callable
 import numpy as np
 import torch
 
-from .io import json_ready, write_atomically, write_json, write_text
+from .io import json_ready, text_table, write_atomically, write_json, write_text
 
 __all__ = ["LMDemoConfig", "LMDemoResult", "METHODS", "run_lm_demo", "format_lm_table", "write_lm_outputs"]
 
@@ -190,15 +190,7 @@ _HEADER = ["method", "val loss before spike", "worst val loss after", "final val
 
 def format_lm_table(result: LMDemoResult, markdown: bool = False) -> str:
     """The per-method summary as aligned text, or as a markdown table when ``markdown``."""
-    rows = [_HEADER, *_table_rows(result)]
-    if markdown:
-        lines = ["| " + " | ".join(r) + " |" for r in rows]
-        lines.insert(1, "|" + "|".join("---" for _ in _HEADER) + "|")
-        return "\n".join(lines)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(_HEADER))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in rows]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return text_table(_HEADER, _table_rows(result), markdown)
 
 
 def _plot(result: LMDemoResult, handle: IO[bytes]) -> None:

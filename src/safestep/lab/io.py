@@ -10,7 +10,7 @@ from typing import IO, Any, Callable
 
 from ..telemetry import json_ready
 
-__all__ = ["json_ready", "write_atomically", "write_text", "write_json", "write_figure"]
+__all__ = ["json_ready", "write_atomically", "write_text", "write_json", "write_figure", "text_table"]
 
 
 def write_atomically(path: Path, write: Callable[[IO[bytes]], None]) -> Path:
@@ -41,3 +41,16 @@ def write_json(path: Path, payload: Any) -> Path:
 def write_figure(path: Path, figure: Any) -> Path:
     """Atomically save a matplotlib ``Figure`` as PNG; no backend or pyplot state is touched."""
     return write_atomically(path, lambda h: figure.savefig(h, format="png", dpi=110, bbox_inches="tight"))
+
+
+def text_table(header: list[str], rows: list[list[str]], markdown: bool = False) -> str:
+    """``rows`` under ``header`` as columns aligned with spaces, or as a markdown table when ``markdown``."""
+    table = [header, *rows]
+    if markdown:
+        lines = ["| " + " | ".join(r) + " |" for r in table]
+        lines.insert(1, "|" + "|".join("---" for _ in header) + "|")
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip() for r in table]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
