@@ -12,7 +12,7 @@ import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Iterable
 
 import torch
 
@@ -21,17 +21,30 @@ from .io import json_ready, text_table, write_atomically, write_json, write_text
 from .models import build_model
 from .training import StepRule, TrainResult, clipped, guarded, lr_spike, plain, train
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo", "format_table", "write_outputs", "METHODS"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "format_table", "write_outputs", "METHODS", "METHOD_STYLES",
+           "R_LABELS", "check_spike_window"]
 
 # method name -> its step rule: plain and clipped runs are monitored (τ, ρ and r measured, steps never changed)
 METHODS: dict[str, StepRule] = {"plain": plain(monitor={}), "clip": clipped(1.0, monitor={}), "safestep": guarded()}
 _MODEL_TITLES = {"mlp-ln": "MLP+LayerNorm", "transformer": "RowTransformer"}
-_METHOD_STYLES = {
+METHOD_STYLES = {
     "plain": {"color": "tab:red", "ls": "-"},
     "clip": {"color": "tab:orange", "ls": "--"},
     "safestep": {"color": "tab:blue", "ls": "-"},
 }
-_R_LABELS = {"plain": "plain (measured only)", "clip": "clip (measured only)", "safestep": "safestep (proposed; applied r ≤ 1)"}
+R_LABELS = {"plain": "plain (measured only)", "clip": "clip (measured only)", "safestep": "safestep (proposed; applied r ≤ 1)"}
+
+
+def check_spike_window(steps: int, start: int, stop: int, methods: Iterable[str], known: Iterable[str]) -> None:
+    """Raise ValueError unless steps ≥ 1, 0 ≤ start ≤ stop ≤ steps and every method is a known one."""
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if not 0 <= start <= stop <= steps:
+        raise ValueError(f"the spike window [{start}, {stop}) must lie inside [0, steps={steps}]")
+    known = list(known)
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(known)}")
 
 
 @dataclass(frozen=True)
@@ -50,15 +63,7 @@ class DemoConfig:
     methods: tuple[str, ...] = tuple(METHODS)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not 0 <= self.spike_start <= self.spike_stop <= self.steps:
-            raise ValueError(
-                f"the spike window [{self.spike_start}, {self.spike_stop}) must lie inside [0, steps={self.steps}]"
-            )
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+        check_spike_window(self.steps, self.spike_start, self.spike_stop, self.methods, METHODS)
 
     @classmethod
     def for_steps(cls, steps: int, seed: int = 0, quick: bool = False) -> "DemoConfig":
@@ -160,7 +165,7 @@ def _plot(result: DemoResult, handle: IO[bytes]) -> None:
             run = result.runs.get((model_name, method))
             if run is None:
                 continue
-            style = _METHOD_STYLES[method]
+            style = METHOD_STYLES[method]
             suffix = f" (diverged at {run.diverged_at})" if run.diverged else ""
             acc_ax.plot([e.step for e in run.evals], [e.accuracy for e in run.evals], lw=1.6, label=method + suffix, **style)
             loss_ax.plot([s.step for s in run.steps], [s.loss for s in run.steps], lw=1.0, label=method, **style)
@@ -168,7 +173,7 @@ def _plot(result: DemoResult, handle: IO[bytes]) -> None:
             measured = [(step, r) for step, r in proposed if r > 0 and math.isfinite(r)]
             if measured:
                 steps, ratios = zip(*measured)
-                r_ax.plot(steps, ratios, lw=1.0, label=_R_LABELS[method], **style)
+                r_ax.plot(steps, ratios, lw=1.0, label=R_LABELS[method], **style)
         r_ax.axhline(1.0, color="black", ls="--", lw=1, label="r = 1")
         for ax in (acc_ax, loss_ax, r_ax):
             ax.axvspan(cfg.spike_start, cfg.spike_stop, color="grey", alpha=0.15, lw=0)

@@ -18,16 +18,13 @@ from typing import IO, Any, Callable
 import numpy as np
 import torch
 
+from .demo import METHOD_STYLES, R_LABELS, check_spike_window
 from .io import json_ready, text_table, write_atomically, write_json, write_text
 
 __all__ = ["LMDemoConfig", "LMDemoResult", "METHODS", "run_lm_demo", "format_lm_table", "write_lm_outputs"]
 
 METHODS = ("plain", "clip", "safestep")
 PROBE = {"bound": "ghost", "probe_size": 16, "method": "jvp"}  # the whole batch (16 sequences × 64 positions)
-_STYLES = {"plain": {"color": "tab:red", "ls": "-"}, "clip": {"color": "tab:orange", "ls": "--"},
-           "safestep": {"color": "tab:blue", "ls": "-"}}
-_R_LABELS = {"plain": "plain (measured only)", "clip": "clip (measured only)",
-             "safestep": "safestep (proposed; applied r ≤ 1)"}
 
 
 @dataclass(frozen=True)
@@ -46,14 +43,7 @@ class LMDemoConfig:
     methods: tuple[str, ...] = METHODS
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError(f"steps must be >= 1, got {self.steps}")
-        if not 0 <= self.spike_start <= self.spike_start + self.spike_steps <= self.steps:
-            raise ValueError(f"the spike [{self.spike_start}, {self.spike_start + self.spike_steps}) must lie inside "
-                             f"[0, steps={self.steps}]")
-        unknown = [m for m in self.methods if m not in METHODS]
-        if unknown:
-            raise ValueError(f"unknown methods {unknown}; choose from {list(METHODS)}")
+        check_spike_window(self.steps, self.spike_start, self.spike_start + self.spike_steps, self.methods, METHODS)
 
     @classmethod
     def for_steps(cls, steps: int, seed: int = 0, quick: bool = False) -> "LMDemoConfig":
@@ -200,14 +190,14 @@ def _plot(result: LMDemoResult, handle: IO[bytes]) -> None:
     fig = Figure(figsize=(7.5, 10))
     val_ax, loss_ax, r_ax = fig.subplots(3, 1, sharex=True)
     for name, run in result.runs.items():
-        style = _STYLES[name]
+        style = METHOD_STYLES[name]
         val_ax.plot(run["val_steps"], [v if math.isfinite(v) else math.nan for v in run["val_loss"]], marker="o",
                     ms=2.5, lw=1.6, label=name, **style)
         loss_ax.plot(range(len(run["loss"])), run["loss"], lw=0.8, label=name, **style)
         measured = _r_proposed(run)
         if measured:
             steps, ratios = zip(*measured)
-            r_ax.plot(steps, ratios, lw=1.0, marker="." if name != "safestep" else None, label=_R_LABELS[name], **style)
+            r_ax.plot(steps, ratios, lw=1.0, marker="." if name != "safestep" else None, label=R_LABELS[name], **style)
     r_ax.axhline(1.0, color="black", ls="--", lw=1, label="r = 1")
     for ax in (val_ax, loss_ax, r_ax):
         ax.axvspan(cfg.spike_start, cfg.spike_start + cfg.spike_steps, color="grey", alpha=0.15, lw=0)
