@@ -20,8 +20,9 @@ from torch import Tensor, nn
 
 from safestep.lab.data import load_digits_split
 from safestep.lab.models import build_model
+from safestep.lab.report import replace_block
 
-__all__ = ["Workload", "WORKLOADS", "workload", "available", "replace_block"]
+__all__ = ["Workload", "WORKLOADS", "workload", "available", "update_block"]
 
 BATCH_CLASSIFIER = 128
 BATCH_LM = 16
@@ -143,12 +144,6 @@ def workload(name: str) -> Workload:
     return WORKLOADS[name]()
 
 
-def replace_block(path: Path, markers: tuple[str, str], text: str) -> None:
-    """Replace what stands between the two marker lines of the file at ``path`` with ``text``."""
-    content = path.read_text(encoding="utf-8")
-    start, end = markers
-    if start not in content or end not in content:
-        raise SystemExit(f"{path} has no generated block ({start} ... {end})")
-    head, rest = content.split(start, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{text}\n{end}{tail}", encoding="utf-8")
+def update_block(path: Path, name: str, text: str) -> None:
+    """Replace the lines between the file's ``<!-- {name}:start ... -->`` and ``<!-- {name}:end -->`` with ``text``."""
+    path.write_text(replace_block(path.read_text(encoding="utf-8"), text, name), encoding="utf-8")

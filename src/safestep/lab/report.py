@@ -23,8 +23,7 @@ __all__ = ["VERDICTS", "Claim", "ExperimentResult", "environment", "command", "w
 
 VERDICTS = ("holds", "differs", "partly", "not in paper")
 UNFLATTERING_FIRST = ("differs", "partly", "holds", "not in paper")
-BLOCK_START = "<!-- reproduction-table:start"
-BLOCK_END = "<!-- reproduction-table:end -->"
+TABLE_BLOCK = "reproduction-table"
 
 
 @dataclass(frozen=True)
@@ -187,11 +186,12 @@ def reproduction_table(results: list[dict[str, Any]], folder: str = "results", m
     return "\n".join(lines)
 
 
-def replace_block(text: str, table: str) -> str:
-    """``text`` with the lines between its ``<!-- reproduction-table:start ... -->`` and ``...:end -->`` markers
+def replace_block(text: str, table: str, name: str = TABLE_BLOCK) -> str:
+    """``text`` with the lines between its ``<!-- {name}:start ... -->`` and ``<!-- {name}:end -->`` markers
     replaced by ``table`` (ValueError if the markers are missing or out of order)."""
-    pattern = re.compile(rf"({re.escape(BLOCK_START)}[^\n]*-->\n)(.*?)(^{re.escape(BLOCK_END)})", re.S | re.M)
+    start, end = f"<!-- {name}:start", f"<!-- {name}:end -->"
+    pattern = re.compile(rf"({re.escape(start)}[^\n]*-->\n)(.*?)(^{re.escape(end)})", re.S | re.M)
     match = pattern.search(text)
     if match is None:
-        raise ValueError(f"no '{BLOCK_START} ... -->' … '{BLOCK_END}' block found")
+        raise ValueError(f"no '{start} ... -->' … '{end}' block found")
     return text[:match.start(2)] + table.rstrip("\n") + "\n" + text[match.start(3):]
