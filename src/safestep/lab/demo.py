@@ -44,7 +44,7 @@ def check_spike_window(steps: int, start: int, stop: int, methods: Iterable[str]
     known = list(known)
     unknown = [m for m in methods if m not in known]
     if unknown:
-        raise ValueError(f"unknown methods {unknown}; choose from {list(known)}")
+        raise ValueError(f"unknown methods {unknown}; choose from {known}")
 
 
 @dataclass(frozen=True)
