@@ -127,7 +127,7 @@ def bench(name: str, warmup: int, timed: int) -> dict:
         "ratio": {config: median[config] / median["plain"] for config in CONFIGS[1:]},
         "extra_peak_bytes": {config: memory[config] - memory["plain"] for config in GUARDED},
         "host_reads": {config: host_reads(runners[config], 3, warmup + timed) for config in GUARDED},
-        "default_probe": f"{guard.last_report.probe_size} rows, {guard.last_report.method}",
+        "default_probe": f"{guard.last_report.rows_probed} rows, {guard.last_report.method}",
     }
 
 

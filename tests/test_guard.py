@@ -181,7 +181,7 @@ def test_default_probe_subset_and_batchnorm_forces_the_full_batch():
     model = _mlp()
     opt = SafeStep(torch.optim.SGD(model.parameters(), lr=0.1), model)
     _train_step(model, opt, x, y)
-    assert opt.last_report.probe_size == 8 and opt.last_report.method == "jvp"  # an eighth of 64 rows
+    assert opt.last_report.rows_probed == 8 and opt.last_report.method == "jvp"  # an eighth of 64 rows
     torch.manual_seed(0)
     bn = nn.Sequential(nn.Linear(5, 8), nn.BatchNorm1d(8), nn.Tanh(), nn.Linear(8, 3))
     ref = copy.deepcopy(bn)
@@ -189,7 +189,7 @@ def test_default_probe_subset_and_batchnorm_forces_the_full_batch():
     ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
     _train_step(bn, opt, x, y)
     _train_step(ref, ref_opt, x, y)
-    assert opt.last_report.probe_size == 64
+    assert opt.last_report.rows_probed == 64
     for (name, b), b_ref in zip(bn.named_buffers(), ref.buffers()):
         assert torch.equal(b, b_ref), name  # only the training forward moved the running stats
 
@@ -260,7 +260,7 @@ def test_missing_batch_is_a_clear_error_and_nothing_moves():
         opt.step()
     assert torch.equal(_flat(model), theta0)
     opt.step(inputs=x)
-    assert opt.last_report.probe_size == 8
+    assert opt.last_report.rows_probed == 8
     with torch.no_grad():  # evaluation calls are not captured
         model(x)
     capturing = SafeStep(torch.optim.SGD(model.parameters(), lr=0.1), model)
@@ -311,7 +311,7 @@ def test_closure_returns_its_loss_and_feeds_the_batch():
         return loss
 
     loss = opt.step(closure)
-    assert torch.is_tensor(loss) and loss.item() > 0 and opt.last_report.probe_size == 8
+    assert torch.is_tensor(loss) and loss.item() > 0 and opt.last_report.rows_probed == 8
 
 
 def _run(model, opt, steps, seed):
@@ -425,7 +425,7 @@ def test_sequence_model_with_dict_batch_counts_every_position():
     _, slopes = torch.autograd.functional.jvp(f, tuple(theta0), tuple(d / tau.float() for d in delta))
     expected = math.pi / (slopes.amax(-1) - slopes.amin(-1)).max().item()
     assert opt.last_report.rho == pytest.approx(expected, rel=1e-4)
-    assert opt.last_report.probe_size == 4
+    assert opt.last_report.rows_probed == 4
 
 
 def test_lr_spike_is_contained():

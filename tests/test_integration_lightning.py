@@ -160,7 +160,7 @@ def test_callback_feeds_the_batch_when_training_step_bypasses_the_guarded_module
     for call_self in (True, False):
         trainer = _trainer(3, [SafeStepCallback()])
         trainer.fit(Classifier(call_self=call_self, probe_size=None), _loader())  # rows chosen alike either way
-        histories.append([(r.rho, r.method, r.probe_size) for r in unwrap_safestep(trainer.optimizers[0]).history])
+        histories.append([(r.rho, r.method, r.rows_probed) for r in unwrap_safestep(trainer.optimizers[0]).history])
     hooked, fed = histories
     assert len(fed) == 3 and fed == hooked  # the fallback probes exactly what the forward hook captures
 
@@ -247,7 +247,7 @@ def test_explicit_batch_functions_feed_inputs_and_labels_without_the_forward_hoo
     for kwargs, (x, y) in zip(recorder.step_kwargs, recorder.batches):
         assert kwargs["inputs"] is x and kwargs["labels"] is y
     last = unwrap_safestep(trainer.optimizers[0]).last_report
-    assert last.probe_size == BATCH
+    assert last.rows_probed == BATCH
     expected = _ghost_radius_by_finite_differences(recorder.theta0[-1], _flat(model), recorder.batches[-1][0])
     assert last.rho == pytest.approx(expected, rel=1e-4)
 

@@ -92,7 +92,7 @@ def _rho(select, seed=0):
 @pytest.mark.parametrize("select", ["score", "mixed"])
 def test_scored_rows_find_the_row_that_sets_the_radius_and_a_stride_misses_it(select):
     report, radii = _rho(select)
-    assert int(radii.argmin()) == 37 and report.probe_size == 8
+    assert int(radii.argmin()) == 37 and report.rows_probed == 8
     assert report.rho == pytest.approx(radii.min().item(), rel=1e-5)  # the budget found the binding row
     strided, _ = _rho("stride")
     assert strided.rho > 1.05 * radii.min().item()  # rows 0, 8, ..., 56 do not contain row 37
@@ -101,4 +101,4 @@ def test_scored_rows_find_the_row_that_sets_the_radius_and_a_stride_misses_it(se
 def test_the_choice_is_a_deterministic_function_of_batch_and_state():
     first, _ = _rho("score")
     again, _ = _rho("score")
-    assert first.rho == again.rho and first.probe_size == again.probe_size
+    assert first.rho == again.rho and first.rows_probed == again.rows_probed

@@ -142,7 +142,7 @@ def test_read_reports_round_trips_what_the_sinks_wrote(tmp_path, writer):
     back = read_reports(path)
     assert [r.as_dict() for r in back[:3]] == [r.as_dict() for r in reports[:3]]
     assert math.isnan(back[3].tau) and back[3].reason == reports[3].reason and back[3].step == 3
-    assert back[1].skipped is True and back[0].skipped is False and isinstance(back[0].probe_size, int)
+    assert back[1].skipped is True and back[0].skipped is False and isinstance(back[0].rows_probed, int)
 
 
 def test_read_reports_names_the_file_and_line_of_what_is_not_a_report(tmp_path):

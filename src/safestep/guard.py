@@ -475,7 +475,7 @@ class SafeStep(torch.optim.Optimizer):
                 method: str = "none", rows: int = 0, skipped: bool = False, reason: str = "") -> StepReport:
         ratio = tau / rho if rho != 0 else (0.0 if tau == 0 else math.inf)
         return StepReport(tau=tau, rho=rho, r_proposed=ratio, scale=scale, r_applied=0.0 if skipped else scale * ratio,
-                          bound=bound or self.bound.name, method=method, probe_size=rows, skipped=skipped,
+                          bound=bound or self.bound.name, method=method, rows_probed=rows, skipped=skipped,
                           seconds=time.perf_counter() - start, step=self.steps, reason=reason)
 
 

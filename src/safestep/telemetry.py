@@ -26,9 +26,9 @@ class StepReport:
     ``r_proposed = τ/ρ`` is the inner optimizer's step in radius units (before scaling); ``scale`` is the factor s
     applied to Δθ and ``r_applied = s·τ/ρ`` the applied step in radius units (at most the guard's ``r`` in cap
     mode; 0 when skipped). ``bound`` names the bound that set ρ (the binding member of a minimum of bounds),
-    ``method`` the slope estimator that ran ("jvp", "fd", or "none" when no probe was needed), ``probe_size`` the
-    number of logits rows probed, ``skipped`` whether the parameters were left at θ0 (``reason`` says why),
-    ``seconds`` the wall time of ``step()``, ``step`` the index of the guarded step (counted across checkpoints).
+    ``method`` the slope estimator that ran ("jvp", "fd", or "none" when no probe was needed), ``rows_probed`` the
+    number of batch rows (samples or sequences) the probe covered and ``rows_in_batch`` the batch rows there were,
+    ``skipped`` whether the parameters were left at θ0 (``reason`` says why), ``seconds`` the wall time of ``step()``, ``step`` the index of the guarded step (counted across checkpoints).
     """
 
     tau: float
@@ -38,11 +38,12 @@ class StepReport:
     r_applied: float
     bound: str
     method: str
-    probe_size: int
+    rows_probed: int
     skipped: bool
     seconds: float
     step: int = 0
     reason: str = ""
+    rows_in_batch: int = 0
 
     @property
     def capped(self) -> bool:

@@ -100,7 +100,7 @@ class GradientDirectionController:
                 reason: str) -> StepReport:
         ratio = tau / rho if rho > 0 else math.inf
         return StepReport(tau=tau, rho=rho, r_proposed=ratio, scale=scale, r_applied=scale * ratio,
-                          bound=self.bound.name, method=method, probe_size=rows, skipped=False,
+                          bound=self.bound.name, method=method, rows_probed=rows, skipped=False,
                           seconds=time.perf_counter() - start, reason=reason)
 
     @torch.no_grad()
