@@ -1,11 +1,18 @@
-"""Telemetry: bounded history, CSV / JSONL streaming and reading back, TensorBoard sink (with a stand-in writer), callback sink."""
+"""Telemetry: bounded history, CSV / JSONL streaming, resuming and reading back, TensorBoard sink (with a stand-in
+writer), callback sink and its step choices under W&B's step rule (a fake that enforces it)."""
 import csv
 import dataclasses
 import importlib.util
 import json
 import math
+import warnings
 
 import pytest
+import torch
+import torch.nn.functional as F
+
+from _small import small_data, small_mlp
+from safestep import SafeStep
 
 from safestep.telemetry import (
     CallbackSink,
@@ -23,7 +30,8 @@ from safestep.telemetry import (
 def _report(step, rho=2.0, skipped=False):
     scale = min(1.0, rho)
     return StepReport(tau=1.0, rho=rho, r_proposed=1.0 / rho, scale=scale, r_applied=scale / rho, bound="ghost",
-                      method="jvp", probe_size=16, skipped=skipped, seconds=0.01, step=step, reason="")
+                      method="jvp", rows_probed=2, skipped=skipped, seconds=0.01, step=step, reason="",
+                      rows_in_batch=16)
 
 
 def test_history_is_bounded_and_keeps_the_newest():
@@ -86,6 +94,7 @@ def test_tensorboard_sink_with_stand_in_writer():
     sink.write(_report(7, rho=4.0))
     sink.close()
     assert ("safestep/rho", 4.0, 7) in writer.calls and ("safestep/skipped", 0.0, 7) in writer.calls
+    assert ("safestep/rows_probed", 2, 7) in writer.calls and ("safestep/rows_in_batch", 16, 7) in writer.calls
     assert writer.closed
 
 
@@ -99,9 +108,10 @@ def test_tensorboard_sink_writes_event_files(tmp_path):
 
 def test_report_metrics_by_hand():
     capped = StepReport(tau=4.0, rho=2.0, r_proposed=2.0, scale=0.5, r_applied=1.0, bound="ghost", method="jvp",
-                        probe_size=16, skipped=False, seconds=0.0)
+                        rows_probed=2, skipped=False, seconds=0.0, rows_in_batch=16)
     assert report_metrics(capped, prefix="g/") == {"g/tau": 4.0, "g/rho": 2.0, "g/r_proposed": 2.0, "g/scale": 0.5,
-                                                   "g/r_applied": 1.0, "g/capped": 1.0, "g/skipped": 0.0}
+                                                   "g/r_applied": 1.0, "g/capped": 1.0, "g/skipped": 0.0,
+                                                   "g/rows_probed": 2.0, "g/rows_in_batch": 16.0}
     skipped = report_metrics(_report(3, skipped=True))
     assert skipped["safestep/skipped"] == 1.0 and skipped["safestep/capped"] == 0.0
 
@@ -162,3 +172,190 @@ def test_read_reports_names_the_file_and_line_of_what_is_not_a_report(tmp_path):
         read_reports(tmp_path / "binary.csv")
     with pytest.raises(FileNotFoundError):
         read_reports(tmp_path / "missing.jsonl")
+
+
+class FakeWandb:
+    """W&B's documented step rule: ``log(data)`` writes to the current step and advances it; ``log(data, step=s)``
+    with s lower than the current step is dropped with a warning, s equal to it adds to the current row (kept open
+    until a call commits), s higher first closes the current row. Rows are kept as {step: merged data}."""
+
+    def __init__(self):
+        self.step, self.rows, self._open = 0, {}, {}
+
+    def log(self, data, step=None, commit=None):
+        if step is not None and step < self.step:
+            warnings.warn(f"Tried to log to step {step} that is less than the current step {self.step}. Steps must "
+                          "be monotonically increasing, so this data will be ignored.")
+            return
+        if step is not None and step > self.step:
+            self._commit()
+            self.step = step
+        self._open.update(data)
+        if commit or (commit is None and step is None):
+            self._commit()
+            self.step += 1
+
+    def _commit(self):
+        if self._open:
+            self.rows[self.step] = self._open
+            self._open = {}
+
+    def finish(self):
+        self._commit()
+
+    def guard_rows(self):
+        return {step: row for step, row in self.rows.items() if "safestep/tau" in row}
+
+
+def _train_loop_logging_per_micro_batch(sink, tracker, steps=3, micro_batches=4):
+    """A loop that logs its loss on every micro-batch (W&B's step advances 4 times per optimizer step)."""
+    history = History(sinks=[sink])
+    for step in range(steps):
+        for _ in range(micro_batches):
+            tracker.log({"train/loss": 1.0})
+        history.append(_report(step))
+    tracker.finish()
+
+
+def test_callback_sink_with_the_report_step_loses_every_guard_metric_to_wandb_s_step_rule():
+    tracker = FakeWandb()
+    with pytest.warns(UserWarning, match="less than the current step"):
+        _train_loop_logging_per_micro_batch(CallbackSink(tracker.log), tracker)
+    assert tracker.guard_rows() == {}  # why the W&B recipe passes step=None (docs/integrations.md)
+
+
+@pytest.mark.parametrize("choice", ["no step", "step key", "step function"])
+def test_callback_sink_step_choices_keep_every_guard_metric_under_wandb_s_step_rule(choice):
+    tracker = FakeWandb()
+    sink = {"no step": CallbackSink(tracker.log, step=None),
+            "step key": CallbackSink(tracker.log, step=None, step_key="safestep/step"),
+            "step function": CallbackSink(tracker.log, step=lambda report: tracker.step)}[choice]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train_loop_logging_per_micro_batch(sink, tracker)
+    rows = tracker.guard_rows()
+    assert len(rows) == 3 and all(row["safestep/rows_probed"] == 2.0 for row in rows.values())
+    if choice == "step key":
+        assert [row["safestep/step"] for row in rows.values()] == [0, 1, 2]
+    if choice == "step function":  # the tracker's current step: merged into the loop's rows, none added
+        assert sorted(rows) == [4, 8, 12] and len(tracker.rows) == 13
+
+
+def test_callback_sink_passes_the_chosen_step_and_rejects_bad_choices():
+    calls = []
+    report = _report(5)
+    CallbackSink(lambda metrics, **kw: calls.append(kw), step=lambda r: 10 * r.step).write(report)
+    CallbackSink(lambda metrics, **kw: calls.append(kw)).write(report)
+    CallbackSink(lambda metrics, **kw: calls.append(kw), step=None).write(report)
+    assert calls == [{"step": 50}, {"step": 5}, {}]
+    for bad in ("global", 3):
+        with pytest.raises(ValueError, match="step must be"):
+            CallbackSink(print, step=bad)
+    with pytest.raises(ValueError, match="step_key"):
+        CallbackSink(print, step_key="")
+
+
+SINKS = {"csv": CSVSink, "jsonl": JSONLSink}
+
+
+def _write(sink_class, path, steps, rho, **options):
+    sink = sink_class(path, **options)
+    history = History(sinks=[sink])
+    for step in steps:
+        history.append(_report(step, rho=rho))
+    history.close()
+
+
+@pytest.mark.parametrize("kind", SINKS)
+def test_file_sink_resumed_from_a_checkpoint_keeps_earlier_rows_once(tmp_path, kind):
+    path = tmp_path / f"steps.{kind}"
+    _write(SINKS[kind], path, range(6), rho=2.0)  # the first run crashed after step 5; the checkpoint was at step 3
+    _write(SINKS[kind], path, range(3, 8), rho=4.0)
+    back = read_reports(path)
+    assert [r.step for r in back] == list(range(8))
+    assert [r.rho for r in back] == [2.0] * 3 + [4.0] * 5  # steps 3-5 of the crashed run were replaced, not repeated
+
+
+@pytest.mark.parametrize("kind", SINKS)
+def test_file_sink_new_run_or_resume_false_starts_afresh(tmp_path, kind):
+    path = tmp_path / f"steps.{kind}"
+    _write(SINKS[kind], path, range(4), rho=2.0)
+    _write(SINKS[kind], path, range(2), rho=4.0)  # a new run (step 0): never mixed with the old one
+    assert [(r.step, r.rho) for r in read_reports(path)] == [(0, 4.0), (1, 4.0)]
+    _write(SINKS[kind], path, range(5, 7), rho=8.0, resume=False)
+    assert [(r.step, r.rho) for r in read_reports(path)] == [(5, 8.0), (6, 8.0)]
+    with pytest.raises(ValueError, match="resume"):
+        SINKS[kind](path, resume="yes")
+
+
+@pytest.mark.parametrize("kind", SINKS)
+@pytest.mark.parametrize("first_step", [0, 4])
+def test_file_sink_never_overwrites_a_file_that_is_not_a_history(tmp_path, kind, first_step):
+    path = tmp_path / f"notes.{kind}"
+    path.write_text("my notes, not step reports\n")
+    sink = SINKS[kind](path)
+    with pytest.raises(ValueError, match="refusing to overwrite"):
+        sink.write(_report(first_step))
+    assert path.read_text() == "my notes, not step reports\n"
+
+
+@pytest.mark.parametrize("kind", SINKS)
+def test_file_sink_resume_drops_a_torn_last_line_and_leaves_no_temporary_file(tmp_path, kind):
+    path = tmp_path / f"steps.{kind}"
+    _write(SINKS[kind], path, range(3), rho=2.0)
+    with open(path, "a") as f:
+        f.write('{"tau": 1.0, "rho"' if kind == "jsonl" else "1.0,2.0,0.5")  # killed in the middle of a write
+    _write(SINKS[kind], path, range(3, 5), rho=4.0)
+    assert [r.step for r in read_reports(path)] == [0, 1, 2, 3, 4]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_file_sink_resume_warns_about_missing_steps(tmp_path):
+    path = tmp_path / "steps.jsonl"
+    _write(JSONLSink, path, range(3), rho=2.0)
+    with pytest.warns(RuntimeWarning, match="ends at step 2 but this run continues from step 10"):
+        _write(JSONLSink, path, [10], rho=2.0)
+    assert [r.step for r in read_reports(path)] == [0, 1, 2, 10]
+
+
+def test_csv_written_before_rows_in_batch_reads_back_and_resumes_with_the_current_header(tmp_path):
+    path = tmp_path / "old.csv"
+    old_fields = [name for name in dataclasses.asdict(_report(0)) if name != "rows_in_batch"]
+    old_fields[old_fields.index("rows_probed")] = "probe_size"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=old_fields)
+        writer.writeheader()
+        for step in range(3):
+            row = _report(step).as_dict()
+            row["probe_size"] = row.pop("rows_probed")
+            row.pop("rows_in_batch")
+            writer.writerow(row)
+    assert [(r.rows_probed, r.rows_in_batch) for r in read_reports(path)] == [(2, 0)] * 3
+    _write(CSVSink, path, range(2, 4), rho=4.0)
+    assert path.read_text().startswith("tau,rho,r_proposed,scale,r_applied,bound,method,rows_probed,")
+    assert [(r.step, r.rho) for r in read_reports(path)] == [(0, 2.0), (1, 2.0), (2, 4.0), (3, 4.0)]
+
+
+def test_guard_resumed_from_its_state_dict_continues_the_jsonl_history(tmp_path):
+    path = tmp_path / "run" / "steps.jsonl"
+    x, y = small_data(32, 4)
+
+    def train(model, guard, steps):
+        for _ in range(steps):
+            guard.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            guard.step()
+
+    model = small_mlp(4)
+    guard = SafeStep(torch.optim.Adam(model.parameters(), lr=1e-2), model, sinks=[JSONLSink(path)])
+    train(model, guard, 3)
+    checkpoint = {"model": model.state_dict(), "optimizer": guard.state_dict()}
+    train(model, guard, 2)  # steps 3 and 4, then the run dies
+    guard.history.close()
+    model = small_mlp(4, seed=1)
+    model.load_state_dict(checkpoint["model"])
+    guard = SafeStep(torch.optim.Adam(model.parameters(), lr=1e-2), model, sinks=[JSONLSink(path)])
+    guard.load_state_dict(checkpoint["optimizer"])
+    train(model, guard, 4)
+    guard.history.close()
+    assert [r.step for r in read_reports(path)] == list(range(7))

@@ -3,20 +3,29 @@
 Sinks (CSV, JSON lines, TensorBoard, a user function) receive every report as it is recorded; TensorBoard is
 imported lazily (``torch.utils.tensorboard`` needs the optional ``tensorboard`` package). ``read_reports`` reads
 back what the CSV and JSON-lines sinks wrote.
+
+**Resuming.** The file sinks open their file on the first report. A run whose first report has step 0 starts the
+file afresh; a run whose first report has a later step (its counters came from a checkpoint) keeps the rows of
+earlier steps, drops the rows of its own step and later (written after the checkpoint, about to be written again),
+and appends: one row per step, never two runs interleaved. ``resume=False`` always starts afresh. The existing
+file is read and checked first: a file that does not hold step reports is never overwritten.
 """
 from __future__ import annotations
 
 import csv
 import json
 import math
+import os
+import tempfile
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO, Any, Protocol, get_type_hints
+from typing import IO, Any, Protocol, Union, get_type_hints
 
 __all__ = ["StepReport", "History", "ReportSink", "CSVSink", "JSONLSink", "TensorBoardSink", "json_ready",
-           "DEFAULT_PREFIX", "report_metrics", "CallbackSink", "read_reports"]
+           "DEFAULT_PREFIX", "report_metrics", "CallbackSink", "StepChoice", "read_reports"]
 
 
 @dataclass(frozen=True)
@@ -67,48 +76,108 @@ class ReportSink(Protocol):
 
 
 class _FileSink:
-    """A sink that opens its file lazily (line-buffered) on the first report."""
+    """A sink that opens its file lazily (line-buffered) on the first report, resuming it when that report's step
+    is past 0 (see the module docstring)."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, resume: bool = True) -> None:
+        if not isinstance(resume, bool):
+            raise ValueError(f"resume must be True or False, got {resume!r}")
         self.path = Path(path)
+        self.resume = resume
         self._file: IO[str] | None = None
 
-    def _open(self) -> IO[str]:
+    def _open(self, first_step: int = 0) -> IO[str]:
+        """The open file; on the first call, the existing file is checked, cut back to the steps before
+        ``first_step`` (when resuming) and opened for appending, or started afresh."""
         if self._file is None:
+            kept, intact = self._existing(first_step if self.resume else 0)
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "w", newline="", buffering=1, encoding="utf-8")
-            self._start(self._file)
+            if not kept:
+                self._file = open(self.path, "w", newline="", buffering=1, encoding="utf-8")
+                self._start(self._file)
+            else:
+                if not intact:
+                    self._rewrite(kept)
+                self._file = open(self.path, "a", newline="", buffering=1, encoding="utf-8")
         return self._file
+
+    def _existing(self, first_step: int) -> tuple[list[StepReport], bool]:
+        """(the file's reports of steps before ``first_step``, whether the file holds exactly those, as this sink
+        writes them). Raises ValueError, before anything is written, when the file holds something else."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return [], True
+        except (UnicodeDecodeError, IsADirectoryError):
+            raise ValueError(f"{self.path} is not a file of step reports: refusing to overwrite it") from None
+        complete = text[: text.rfind("\n") + 1]  # a last line without its newline is a torn write: dropped
+        try:
+            reports = _reports_in(complete.splitlines(), str(self.path))
+        except ValueError as error:
+            raise ValueError(f"{error}; refusing to overwrite it (give another path)") from None
+        kept = [report for report in reports if report.step < first_step]
+        if kept and kept[-1].step < first_step - 1:
+            warnings.warn(f"{self.path}: the history ends at step {kept[-1].step} but this run continues from step "
+                          f"{first_step}; steps in between are missing (was the file written by another run?)",
+                          RuntimeWarning, stacklevel=4)
+        intact = len(kept) == len(reports) and complete == text and self._appendable(complete)
+        return kept, intact
+
+    def _appendable(self, text: str) -> bool:
+        """True when rows this sink writes can follow ``text`` as it is."""
+        return True
+
+    def _rewrite(self, reports: list[StepReport]) -> None:
+        """Replace the file by ``reports`` atomically (a temporary file in the same folder, then a rename)."""
+        handle, temporary = tempfile.mkstemp(dir=self.path.parent, prefix=f".{self.path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w", newline="", encoding="utf-8") as file:
+                self._start(file)
+                for report in reports:
+                    self._row(file, report)
+            os.replace(temporary, self.path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
 
     def _start(self, file: IO[str]) -> None:
         """Write a header, if the format has one."""
 
+    def _row(self, file: IO[str], report: StepReport) -> None:
+        """Write one report (each format defines it)."""
+        raise NotImplementedError
+
+    def write(self, report: StepReport) -> None:
+        """Append one row (the first report opens the file, see ``_open``)."""
+        self._row(self._open(report.step), report)
+
     def close(self) -> None:
-        """Flush and close the file (a later report reopens and truncates it)."""
+        """Flush and close the file (a later report reopens it, resuming from that report's step)."""
         if self._file is not None:
             self._file.close()
             self._file = None
 
 
 class CSVSink(_FileSink):
-    """Stream reports to a CSV file with one header row (columns = StepReport fields)."""
+    """Stream reports to a CSV file with one header row (columns = StepReport fields); resumes (module docstring)."""
 
     def _start(self, file: IO[str]) -> None:
-        self._writer = csv.DictWriter(file, fieldnames=FIELDS)
-        self._writer.writeheader()
+        csv.DictWriter(file, fieldnames=FIELDS).writeheader()
 
-    def write(self, report: StepReport) -> None:
-        """Append one row."""
-        self._open()
-        self._writer.writerow(report.as_dict())
+    def _appendable(self, text: str) -> bool:
+        header = next(csv.reader(text.splitlines()[:1]), [])
+        return tuple(header) == FIELDS  # a file with other columns (an older version) is rewritten
+
+    def _row(self, file: IO[str], report: StepReport) -> None:
+        csv.DictWriter(file, fieldnames=FIELDS).writerow(report.as_dict())
 
 
 class JSONLSink(_FileSink):
-    """Stream reports to a JSON-lines file; non-finite floats are written as the strings "inf"/"-inf"/"nan"."""
+    """Stream reports to a JSON-lines file (resumes, module docstring); non-finite floats are written as the strings
+    "inf"/"-inf"/"nan"."""
 
-    def write(self, report: StepReport) -> None:
-        """Append one JSON object."""
-        self._open().write(json.dumps(json_ready(report.as_dict())) + "\n")
+    def _row(self, file: IO[str], report: StepReport) -> None:
+        file.write(json.dumps(json_ready(report.as_dict())) + "\n")
 
 
 def json_ready(value: Any) -> Any:
@@ -127,9 +196,10 @@ def json_ready(value: Any) -> Any:
 
 
 class TensorBoardSink:
-    """Log τ, ρ, r and s of every report as TensorBoard scalars under ``prefix`` (x-axis: the report's step)."""
+    """Log τ, ρ, r, s and the probe's coverage of every report as TensorBoard scalars under ``prefix`` (x-axis: the
+    report's step)."""
 
-    SCALARS = ("tau", "rho", "r_proposed", "scale", "r_applied", "seconds")
+    SCALARS = ("tau", "rho", "r_proposed", "scale", "r_applied", "seconds", "rows_probed", "rows_in_batch")
 
     def __init__(self, log_dir: str | Path | None = None, *, writer: Any = None, prefix: str = "safestep/") -> None:
         if writer is None:
@@ -157,7 +227,8 @@ DEFAULT_PREFIX = "safestep/"
 
 
 def report_metrics(report: StepReport, prefix: str = DEFAULT_PREFIX) -> dict[str, float]:
-    """{prefix+name: value} for τ, ρ, r_proposed = τ/ρ, s, r_applied = s·τ/ρ, capped (1 if 0 < s < 1) and skipped (1/0)."""
+    """{prefix+name: value} for τ, ρ, r_proposed = τ/ρ, s, r_applied = s·τ/ρ, capped (1 if 0 < s < 1), skipped (1/0),
+    and what the certificate covered: rows_probed of rows_in_batch batch rows."""
     return {
         prefix + "tau": report.tau,
         prefix + "rho": report.rho,
@@ -166,30 +237,57 @@ def report_metrics(report: StepReport, prefix: str = DEFAULT_PREFIX) -> dict[str
         prefix + "r_applied": report.r_applied,
         prefix + "capped": float(report.capped),
         prefix + "skipped": float(report.skipped),
+        prefix + "rows_probed": float(report.rows_probed),
+        prefix + "rows_in_batch": float(report.rows_in_batch),
     }
 
 
-class CallbackSink:
-    """Call ``fn(report_metrics(report, prefix), step=report.step)`` for every report whose step is a multiple of ``every``.
+StepChoice = Union[str, None, Callable[[StepReport], int]]
+"""What ``CallbackSink`` passes as ``step=``: "report" (the report's step), None (no step argument) or a function."""
 
-    That signature is the one of ``wandb.log``, ``mlflow.log_metrics`` and ``accelerate.Accelerator.log``, so
-    ``CallbackSink(wandb.log)`` streams the guard's metrics to Weights & Biases. ``fn`` runs inside the guarded
-    step, like every sink: an exception it raises rolls the step back (docs/step.md) and propagates.
+
+class CallbackSink:
+    """Call ``fn(report_metrics(report, prefix), step=...)`` for every report whose step is a multiple of ``every``.
+
+    ``step`` chooses the ``step=`` argument: ``"report"`` (the default) passes ``report.step``, the optimizer step
+    counted across checkpoints (right for ``mlflow.log_metrics`` and for trackers whose step counts optimizer
+    steps); ``None`` passes none, so the tracker uses its own counter (``wandb.log``: W&B drops a step lower than
+    its current one, which a loop that logs per micro-batch or logs eval too has passed); a function
+    ``step(report) -> int`` passes its value (e.g. the trainer's global step). ``step_key`` also puts
+    ``report.step`` into the metrics under that key (for ``wandb.define_metric(..., step_metric=step_key)``).
+    ``fn`` runs inside the guarded step, like every sink: an exception it raises rolls the step back
+    (docs/step.md) and propagates.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, every: int = 1, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, fn: Callable[..., Any], *, every: int = 1, prefix: str = DEFAULT_PREFIX,
+                 step: StepChoice = "report", step_key: str | None = None) -> None:
         if not callable(fn):
             raise ValueError(f"fn must be callable, got {type(fn).__name__}")
         if isinstance(every, bool) or not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be a positive int, got {every!r}")
+        if not (step is None or step == "report" or (callable(step) and not isinstance(step, str))):
+            raise ValueError(f"step must be 'report', None or a function of the report, got {step!r}")
+        if step_key is not None and not (isinstance(step_key, str) and step_key):
+            raise ValueError(f"step_key must be a non-empty str or None, got {step_key!r}")
         self.fn = fn
         self.every = every
         self.prefix = prefix
+        self.step = step
+        self.step_key = step_key
 
     def write(self, report: StepReport) -> None:
-        """Pass the report's metrics and step to ``fn`` (every ``every``-th step only)."""
-        if report.step % self.every == 0:
-            self.fn(report_metrics(report, self.prefix), step=report.step)
+        """Pass the report's metrics (and the chosen step) to ``fn`` (every ``every``-th step only)."""
+        if report.step % self.every != 0:
+            return
+        metrics: dict[str, Any] = report_metrics(report, self.prefix)
+        if self.step_key is not None:
+            metrics[self.step_key] = report.step
+        if self.step is None:
+            self.fn(metrics)
+        elif self.step == "report":
+            self.fn(metrics, step=report.step)
+        else:
+            self.fn(metrics, step=self.step(report))
 
     def close(self) -> None:
         """Nothing to flush: ``fn`` owns its destination."""
@@ -210,10 +308,20 @@ class History:
         return self._reports.maxlen
 
     def append(self, report: StepReport) -> None:
-        """Stream a report to the sinks, then record it; a sink that raises leaves the history unchanged."""
-        for sink in self.sinks:
-            sink.write(report)
+        """Record a report and stream it to every sink; a sink that raises misses only this report (the others and
+        the history still get it), and the first sink error is raised once all have been called."""
         self._reports.append(report)
+        errors: list[BaseException] = []
+        for sink in self.sinks:
+            try:
+                sink.write(report)
+            except Exception as error:  # noqa: BLE001 -- re-raised below, after every sink had its turn
+                errors.append(error)
+        if errors:
+            if hasattr(errors[0], "add_note"):
+                errors[0].add_note(f"safestep: step {report.step} was applied and recorded; {len(errors)} sink(s) "
+                                   "could not write its report")
+            raise errors[0]
 
     def add_sink(self, sink: ReportSink) -> ReportSink:
         """Stream every future report to ``sink``; returns it."""
@@ -230,12 +338,12 @@ class History:
         return [r.as_dict() for r in self._reports]
 
     def to_csv(self, path: str | Path) -> Path:
-        """Write the stored reports to a CSV file; returns its path."""
-        return self._dump(CSVSink(path))
+        """Write the stored reports to a new CSV file (replacing a file of step reports); returns its path."""
+        return self._dump(CSVSink(path, resume=False))
 
     def to_jsonl(self, path: str | Path) -> Path:
-        """Write the stored reports to a JSON-lines file; returns its path."""
-        return self._dump(JSONLSink(path))
+        """Write the stored reports to a new JSON-lines file (replacing a file of step reports); returns its path."""
+        return self._dump(JSONLSink(path, resume=False))
 
     def _dump(self, sink: "CSVSink | JSONLSink") -> Path:
         sink._open()
@@ -255,6 +363,10 @@ class History:
 
 
 _FIELD_TYPES: dict[str, type] = get_type_hints(StepReport)
+_OPTIONAL = {"reason": "", "rows_in_batch": 0}
+"""Fields that files written by earlier versions lack, with the value they read as."""
+_RENAMED = {"rows_probed": "probe_size"}
+"""Fields under their earlier column name."""
 
 
 def read_reports(path: str | Path) -> list[StepReport]:
@@ -268,11 +380,16 @@ def read_reports(path: str | Path) -> list[StepReport]:
         lines = path.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError:
         raise ValueError(f"{path}: not a text file") from None
+    return _reports_in(lines, str(path))
+
+
+def _reports_in(lines: list[str], where: str) -> list[StepReport]:
+    """The reports in the lines of a CSV or JSON-lines file named ``where`` (ValueError when they are not reports)."""
     try:
         records = _json_records(lines) if lines and lines[0].lstrip().startswith("{") else _csv_records(lines)
     except (csv.Error, json.JSONDecodeError) as error:
-        raise ValueError(f"{path}: not a CSV or JSON-lines file of step reports ({error})") from None
-    return [_report_from_record(record, f"{path}:{number}") for number, record in records]
+        raise ValueError(f"{where}: not a CSV or JSON-lines file of step reports ({error})") from None
+    return [_report_from_record(record, f"{where}:{number}") for number, record in records]
 
 
 def _json_records(lines: list[str]) -> list[tuple[int, Any]]:
@@ -285,7 +402,8 @@ def _csv_records(lines: list[str]) -> list[tuple[int, Any]]:
     reader = csv.DictReader(lines)
     if not reader.fieldnames:  # an empty file: no header, no rows
         return []
-    missing = [name for name in FIELDS if name not in (reader.fieldnames or ())]
+    header = set(reader.fieldnames or ())
+    missing = [name for name in FIELDS if name not in header and name not in _OPTIONAL and _RENAMED.get(name) not in header]
     if missing:
         raise csv.Error(f"the header lacks {', '.join(missing)}")
     return [(reader.line_num, row) for row in reader]
@@ -293,6 +411,8 @@ def _csv_records(lines: list[str]) -> list[tuple[int, Any]]:
 
 def _report_from_record(record: Any, where: str) -> StepReport:
     """A StepReport from one CSV row or JSON object (non-finite floats and booleans may be strings)."""
+    if isinstance(record, dict):
+        record = _current_names(record)
     missing = [name for name in FIELDS if not isinstance(record, dict) or record.get(name) is None]
     if missing:
         raise ValueError(f"{where}: not a step report (missing {', '.join(missing)})")
@@ -300,6 +420,18 @@ def _report_from_record(record: Any, where: str) -> StepReport:
         return StepReport(**{name: _parse(_FIELD_TYPES[name], record[name]) for name in FIELDS})
     except ValueError as error:
         raise ValueError(f"{where}: not a step report ({error})") from None
+
+
+def _current_names(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with renamed fields under their current name and the optional fields an older file lacks."""
+    record = dict(record)
+    for name, old in _RENAMED.items():
+        if record.get(name) is None and old in record:
+            record[name] = record[old]
+    for name, default in _OPTIONAL.items():
+        if record.get(name) in (None, ""):
+            record[name] = default
+    return record
 
 
 def _parse(kind: type, value: Any) -> Any:
