@@ -82,14 +82,18 @@ def test_belief_paper_rule_matches_pulled_back_formula(backoff):
     assert Belief("paper", backoff=backoff)(z, a).item() == pytest.approx(caps_pred.min(), rel=1e-9)
 
 
-def test_the_default_belief_rule_limits_the_label_loss_change_to_two_nats():
+def test_the_default_belief_rule_limits_the_label_loss_change_to_two_nats_within_the_ghost_radius():
     z, a = _rand(12, 50, seed=13), _rand(12, 50, seed=14)
     labels = torch.arange(12) * 4
+    a[::2].scatter_add_(1, labels[::2, None], torch.full((6, 1), 10.0, dtype=a.dtype))  # here the pull-back binds
     p = np.exp(z.numpy() - z.numpy().max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     rows = np.arange(12), labels.numpy()
     label_slope = a.numpy()[rows] - (p * a.numpy()).sum(-1)  # d log p_c / dτ
-    assert Belief(backoff=False)(z, a, labels).item() == pytest.approx((2 / np.abs(label_slope)).min(), rel=1e-9)
+    ghost = math.pi / np.ptp(a.numpy(), axis=-1)
+    expected = np.minimum(2 / np.abs(label_slope), ghost)
+    np.testing.assert_allclose(Belief(backoff=False).row_radii(z, a, labels).numpy(), expected, rtol=1e-9)
+    assert (expected < ghost).any() and (expected == ghost).any()
 
 
 def test_belief_labels_follow_sequence_rows_and_shape_is_checked():
@@ -115,20 +119,21 @@ def test_make_bound_accepts_names_bounds_and_lists():
     assert make_bound(["exact"]) == Exact()
     assert make_bound(Belief("sharp", False)) == Belief("sharp", False)
 
-    class HalfGhost:
+    class HalfGhost:  # the protocol: one method and three attributes, no __call__ and no aggregation of its own
         name = "half"
         aggregate = "max"
+        accepts_nonfinite = True
 
         def row_radii(self, logits, slopes, labels=None, *, masked=None):
             return Ghost().row_radii(logits, slopes, labels, masked=masked) / 2
-
-        def __call__(self, logits, slopes, labels=None, *, masked=None):
-            return self.row_radii(logits, slopes, labels, masked=masked).amin()
 
     custom = HalfGhost()
     assert isinstance(custom, Bound) and make_bound(custom) is custom
     z, a = _rand(3, 3), _rand(3, 3, seed=1)
     assert make_bound(["ghost", custom])(z, a).item() == pytest.approx(Ghost()(z, a).item() / 2)
+    del HalfGhost.accepts_nonfinite  # part of the protocol: a bound must say whether it screens its input
+    with pytest.raises(ValueError, match="accepts_nonfinite"):
+        make_bound(HalfGhost())
     with pytest.raises(ValueError, match="rule"):
         Belief("loose")
     for bad in ("gost", [], 3):

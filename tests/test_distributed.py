@@ -20,7 +20,7 @@ from torch.func import functional_call, jvp
 
 from safestep import SafeStep
 from safestep.collectives import Reducer, make_reducer
-from safestep.distributed import probe_module
+from safestep.layout import probe_module
 from safestep.geometry import belief_step_cap
 from safestep.geometry.radius import exact_radius
 

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from safestep import SafeStep
-from safestep.telemetry import CSVSink
 
 from _small import small_data, small_mlp
 
@@ -92,39 +91,65 @@ class _BrokenSink:
         pass
 
 
-def _after_inner_step_cases(tmp_path):
-    """(name, SafeStep options, step kwargs for the failing step, expected exception, match) for failures after θ1."""
-    logits = lambda model, inputs: model(inputs)  # noqa: E731
-    blocked = tmp_path / "a-file"
-    blocked.write_text("not a folder")
-    return [
-        ("labels out of range", {}, {"labels_out_of_range": True}, ValueError, "class indices in"),
-        ("logits_fn raises", {"logits_fn": _FailOn(logits, 3, RuntimeError("user logits_fn broke"))}, {}, RuntimeError,
-         "user logits_fn broke"),
-        ("sink cannot write", {"sinks": [CSVSink(blocked / "history.csv")]}, {}, OSError, ""),
-        ("sink interrupted", {"sinks": [_BrokenSink(KeyboardInterrupt())]}, {}, KeyboardInterrupt, ""),
-    ]
-
-
-@pytest.mark.parametrize("case", range(4))
-def test_a_failure_after_the_inner_step_restores_theta0_bit_for_bit(tmp_path, case):
-    name, options, kwargs, error, match = _after_inner_step_cases(tmp_path)[case]
+def test_a_failure_after_the_inner_step_restores_theta0_bit_for_bit():
     model = _mlp()
     x, y = _data()
-    opt = SafeStep(torch.optim.Adam(model.parameters(), lr=1e-2), model, **options)
-    if name.startswith("sink"):  # the sink fails on the very first report
-        _backward(model, x, y)
-    else:
-        _backward(model, x, y)
-        opt.step(labels=y)  # the first step succeeds (its preflight calls logits_fn twice)
-        _backward(model, x, y)
+    logits = _FailOn(lambda model, inputs: model(inputs), 3, RuntimeError("user logits_fn broke"))
+    opt = SafeStep(torch.optim.Adam(model.parameters(), lr=1e-2), model, logits_fn=logits)
+    _backward(model, x, y)
+    opt.step(labels=y)  # the first step succeeds (its preflight calls logits_fn once, its probe once)
+    _backward(model, x, y)
     before = _State(model, opt)
-    labels = torch.full_like(y, 9) if kwargs.get("labels_out_of_range") else y
-    with pytest.raises(error, match=match) as raised:
-        opt.step(labels=labels)
+    with pytest.raises(RuntimeError, match="user logits_fn broke") as raised:
+        opt.step(labels=y)
     before.unchanged(model, opt, inner_advanced=True)
     notes = " ".join(getattr(raised.value, "__notes__", []))
     assert "parameters are restored" in notes and "state" in notes and "has advanced" in notes
+
+
+def test_labels_out_of_range_on_a_later_step_raise_before_anything_moves():
+    model = _mlp()
+    x, y = _data()
+    opt = SafeStep(torch.optim.Adam(model.parameters(), lr=1e-2), model, probe_size=2)
+    _backward(model, x, y)
+    opt.step(labels=y)
+    _backward(model, x, y)
+    before = _State(model, opt)
+    bad = y.clone()
+    bad[-1] = 9  # one row, almost surely not among the 2 probed ones: every label is checked, not only probed ones
+    with pytest.raises(ValueError, match=r"class indices in \[0, 5\).*1 row"):
+        opt.step(labels=bad)
+    before.unchanged(model, opt, inner_advanced=False)
+
+
+class _LoggingSink:
+    def __init__(self):
+        self.steps = []
+
+    def write(self, report):
+        self.steps.append(report.step)
+
+    def close(self):
+        pass
+
+
+@pytest.mark.parametrize("error", [OSError("disk full"), KeyboardInterrupt()])
+def test_a_sink_that_fails_loses_only_its_copy_of_a_committed_step(tmp_path, error):
+    model = _mlp()
+    x, y = _data()
+    first, broken = _LoggingSink(), _BrokenSink(error)
+    opt = SafeStep(torch.optim.Adam(model.parameters(), lr=1e-2), model, sinks=[first, broken])
+    _backward(model, x, y)
+    with pytest.raises(type(error)) as raised:
+        opt.step(labels=y)
+    assert opt.steps == 1 and opt.last_report is not None and len(opt.history) == 1  # the step committed
+    if isinstance(error, Exception):
+        assert "was applied and recorded" in " ".join(getattr(raised.value, "__notes__", []))
+    broken.error = None
+    broken.write = lambda report: None  # the sink recovers: the next step reaches both, none is repeated
+    _backward(model, x, y)
+    opt.step(labels=y)
+    assert first.steps == [0, 1]
 
 
 class _NoForwardAD(torch.autograd.Function):
@@ -238,16 +263,16 @@ def test_non_finite_gradients_skip_without_touching_the_inner_state():
 
 
 def test_a_run_frozen_by_its_bound_is_reported_and_warned_once():
-    from safestep.guard import FREEZE_SCALE, FREEZE_STEPS
+    from safestep.watch import FREEZE_SCALE, FREEZE_STEPS
 
     model = _mlp()
     x, y = _data()
     opt = SafeStep(torch.optim.SGD(model.parameters(), lr=50.0), model, r=1e-3)  # every step cut to ~1e-3 of itself
-    with pytest.warns(RuntimeWarning, match=r"'ghost' bound has kept every step below 0.1.*50 steps") as caught:
+    with pytest.warns(RuntimeWarning, match=r"frozen: scale < 0.1 for 50 steps, set by the ghost bound") as caught:
         for _ in range(FREEZE_STEPS + 3):
             _backward(model, x, y)
             opt.step()
-    assert len([w for w in caught if "frozen" in str(w.message) or "kept every step" in str(w.message)]) == 1
+    assert len([w for w in caught if "frozen" in str(w.message)]) == 1
     reports = list(opt.history)
     assert all(r.scale < FREEZE_SCALE for r in reports)
     assert "frozen" not in reports[FREEZE_STEPS - 2].reason and "frozen" in reports[FREEZE_STEPS - 1].reason

@@ -20,6 +20,11 @@ Real inputs:
 Non-finite input is not an error here: a row with a NaN or infinite live slope gets a NaN (or 0) radius, which the
 caller treats as "no certificate". Bounds compose: ``Min(a, b)`` is the smaller radius; ``leaves`` lists the
 members a distributed reduction reduces one by one.
+
+**The protocol.** A bound implements one method, ``row_radii``, and carries ``name``, ``aggregate`` and
+``accepts_nonfinite``. Aggregation over rows, ignored rows (and, in ``safestep.step``, ranks) lives in one place,
+``bound_radius``; a bound may declare a fast path for the worst row, ``min_radius`` (the ghost bound's single
+``amax``, the exact bound's branch and bound), which ``bound_radius`` uses for ``aggregate="max"``.
 """
 from __future__ import annotations
 
@@ -46,6 +51,7 @@ __all__ = [
     "BOUND_NAMES",
     "BoundSpec",
     "aggregate_radii",
+    "bound_radius",
     "check_aggregate",
     "leaves",
     "make_bound",
@@ -83,14 +89,22 @@ def aggregate_radii(radii: Tensor, aggregate: Aggregate = "max", active: Tensor 
 
 
 def _flat_rows(logits: Tensor, slopes: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(N, K) logits and slopes and (N,) labels (shapes checked, no host reads)."""
+    """(N, K) logits and slopes and (N,) labels (shapes checked, no host reads).
+
+    Ignored rows (label IGNORE_INDEX) are neutralized to logits 0 and slopes 0 (a flat row: every bound gives it
+    +inf), so whatever they hold (all −inf action masks, NaN padding) never reaches a bound.
+    """
     if logits.shape != slopes.shape or logits.ndim < 2:
         raise ValueError(f"logits {tuple(logits.shape)} and slopes {tuple(slopes.shape)} must share a (..., K) shape")
     k = logits.shape[-1]
-    rows = None if labels is None else labels.reshape(-1)
-    if labels is not None and tuple(labels.shape) != tuple(logits.shape[:-1]):
+    if labels is None:
+        return logits.reshape(-1, k), slopes.reshape(-1, k), None
+    if tuple(labels.shape) != tuple(logits.shape[:-1]):
         raise ValueError(f"labels {tuple(labels.shape)} must hold one label per logits row {tuple(logits.shape[:-1])}")
-    return logits.reshape(-1, k), slopes.reshape(-1, k), rows
+    rows = labels.reshape(-1).to(logits.device)
+    ignored = (rows == IGNORE_INDEX).unsqueeze(1)
+    z, a = logits.reshape(-1, k), slopes.reshape(-1, k)
+    return z.masked_fill(ignored, 0.0), a.masked_fill(ignored, 0.0), rows
 
 
 def live_slopes(logits: Tensor, slopes: Tensor, masked: bool | None = None) -> Tensor:
@@ -115,41 +129,43 @@ def _drop_ignored(radii: Tensor, ignored: Tensor | None) -> Tensor:
 
 @runtime_checkable
 class Bound(Protocol):
-    """A radius rule: per-row radii and their aggregate; ``name`` labels reports, ``aggregate`` says how rows combine.
+    """A radius rule: ``row_radii`` gives ρ_n per row; ``name`` labels reports, ``aggregate`` says how rows combine.
 
-    A bound may set ``accepts_nonfinite = True`` when it returns NaN radii for non-finite rows instead of raising;
-    SafeStep then evaluates it without screening the probe on the host first.
+    ``accepts_nonfinite``: True when ``row_radii`` returns NaN radii for non-finite rows instead of raising (the
+    step then evaluates it without screening the probe on the host first). An optional fast path for
+    ``aggregate="max"``, ``min_radius(logits, slopes, labels, *, masked) -> 0-dim float64`` (min over active rows),
+    is used by ``bound_radius`` when the bound defines it.
     """
 
     name: str
     aggregate: Aggregate
+    accepts_nonfinite: bool
 
     def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
                   masked: bool | None = None) -> Tensor:
         """ρ_n for every row n, flat float64; +inf for ignored rows."""
         ...
 
-    def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+
+def bound_radius(bound: Bound, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
                  masked: bool | None = None) -> Tensor:
-        """The aggregated radius (0-dim float64)."""
-        ...
+    """ρ of one bound over the rows: its ``min_radius`` fast path for "max", else ``aggregate_radii`` of ``row_radii``
+    over the active (not ignored) rows (0-dim float64)."""
+    fast = getattr(type(bound), "min_radius", None)
+    if bound.aggregate == "max" and fast is not None:
+        return fast(bound, logits, slopes, labels, masked=masked)
+    radii = bound.row_radii(logits, slopes, labels, masked=masked)
+    ignored = _ignored(None if labels is None else labels.reshape(-1))
+    return aggregate_radii(radii, bound.aggregate, None if ignored is None else ~ignored)
 
 
 class _RowBound:
-    """Aggregation over ``row_radii`` shared by the per-row bounds."""
-
-    aggregate: Aggregate
-
-    def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
-                  masked: bool | None = None) -> Tensor:
-        raise NotImplementedError
+    """``bound(logits, slopes, labels)``: the aggregated radius (``bound_radius``), for bounds used on their own."""
 
     def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
                  masked: bool | None = None) -> Tensor:
         """The per-row radii aggregated over the active (not ignored) rows."""
-        radii = self.row_radii(logits, slopes, labels, masked=masked)
-        ignored = _ignored(None if labels is None else labels.reshape(-1))
-        return aggregate_radii(radii, self.aggregate, None if ignored is None else ~ignored)
+        return bound_radius(self, logits, slopes, labels, masked=masked)  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -163,16 +179,11 @@ class Ghost(_RowBound):
     def __post_init__(self) -> None:
         check_aggregate(self.aggregate)
 
-    def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
-                 masked: bool | None = None) -> Tensor:
-        """π / max over active rows of Δ_a for "max" (a handful of ops: the guard's hot path), else the quantile."""
-        if self.aggregate != "max":
-            return super().__call__(logits, slopes, labels, masked=masked)
-        z, a, y = _flat_rows(logits, slopes, labels)
-        spread = row_spread(live_slopes(z, a, masked))
-        if y is not None:
-            spread = spread.masked_fill(y == IGNORE_INDEX, 0.0)
-        largest = spread.amax()  # NaN propagates; every row ignored or flat gives 0, hence ρ = inf
+    def min_radius(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+                   masked: bool | None = None) -> Tensor:
+        """π / max over active rows of Δ_a (a handful of ops: the guard's hot path); NaN propagates."""
+        z, a, _ = _flat_rows(logits, slopes, labels)
+        largest = row_spread(live_slopes(z, a, masked)).amax()  # ignored rows are flat; all flat gives ρ = inf
         return torch.where(torch.isinf(largest), math.nan, math.pi / largest)
 
     def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
@@ -188,28 +199,22 @@ class Ghost(_RowBound):
 class Exact(_RowBound):
     """ρ*_n, the exact convergence radius (modulus of the nearest zero of Σ_k softmax(z)_k e^{a_k t}).
 
-    "max" uses branch and bound over rows (only rows whose π/Δ_a lies below the incumbent are solved);
+    "max" uses branch and bound over rows (only rows whose lower bound lies below the incumbent are solved);
     a quantile needs every row's ρ* and costs one exact solve per row.
     """
 
     aggregate: Aggregate = "max"
     rtol: float = 1e-8
     name: str = "exact"
+    accepts_nonfinite: ClassVar[bool] = False  # the solver validates its rows
 
     def __post_init__(self) -> None:
         check_aggregate(self.aggregate)
 
-    def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
-                 masked: bool | None = None) -> Tensor:
-        """min_n ρ*_n over the active rows by branch and bound, or the quantile of all ρ*_n."""
-        if self.aggregate != "max":
-            return super().__call__(logits, slopes, labels, masked=masked)
-        z, a, y = _flat_rows(logits, slopes, labels)
-        if y is not None:
-            keep = (y != IGNORE_INDEX).nonzero().squeeze(1)
-            if keep.numel() == 0:
-                return torch.tensor(math.inf, dtype=torch.float64, device=z.device)
-            z, a = z.index_select(0, keep), a.index_select(0, keep)
+    def min_radius(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+                   masked: bool | None = None) -> Tensor:
+        """min_n ρ*_n over the active rows by branch and bound (ignored rows are flat: ρ = inf, never solved)."""
+        z, a, _ = _flat_rows(logits, slopes, labels)
         return min_exact_radius(z, live_slopes(z, a, masked), self.rtol)[0]
 
     def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
@@ -221,14 +226,21 @@ class Exact(_RowBound):
 
 @dataclass(frozen=True)
 class Belief(_RowBound):
-    """The belief-space admissible step pulled back to a step length per row (``geometry.belief_step_cap``).
+    """A belief-space rule pulled back to a step length per row, never beyond a certified radius.
 
-    ``rule`` (one of ``geometry.simplex.RULES``) and ``backoff`` (entropy backoff 1/(1 + α(B))) select η_adm. The
-    default, "support", is the step of the energy actually trained (its curvature lives on the label): per row
-    τ_max = 2/|d log p_c/dτ| times the backoff, free of the vocabulary size, so it does not freeze a language model
-    the way the paper's rule 2·min p²/max p does (``Belief(rule="paper")``; docs/belief_support.md). Without labels
-    the predicted class is used: the worst case over one-hot labels for the Fisher rules, the predicted label only
-    for "support".
+    ρ_n = min(τ_max,n, R_n). τ_max,n is the rule's admissible belief step pulled back to *first order*
+    (``geometry.belief_step_cap``): ``rule`` (one of ``geometry.simplex.RULES``) and ``backoff`` (entropy backoff
+    1/(1 + α(B))) select η_adm. R_n is the row radius of ``certified``, a bound whose rows are certified lower
+    bounds on ρ*_n (default ``Ghost()``, π/Δ_a; ``Exact()`` gives ρ* itself). So ρ_n <= ρ*_n for every rule: a
+    capped step stays inside every probed row's convergence radius, like every other bound. The first-order
+    pull-back alone is not a bound: it can exceed ρ* (the issue-18 rows: inf against ρ* = 1.42), and no belief-space
+    criterion can replace R_n, since a belief move is bounded while the loss is not (docs/belief_support.md §6).
+
+    The default rule, "support", is the step of the energy actually trained (its curvature lives on the label):
+    τ_max = 2/|d log p_c/dτ| times the backoff, to first order at most 2 nats of change in the row's loss, free of
+    the vocabulary size; in belief space it makes the projected step Euclidean-nonexpansive, not contracting. The
+    paper's rule 2·min p²/max p (``Belief(rule="paper")``) freezes a language model. Without labels the predicted
+    class is used: the worst case over one-hot labels for the Fisher rules, the predicted label only for "support".
     """
 
     rule: str = "support"
@@ -236,21 +248,27 @@ class Belief(_RowBound):
     eps: float = 1e-10
     aggregate: Aggregate = "max"
     name: str = "belief"
+    certified: Bound = Ghost()
+    accepts_nonfinite: ClassVar[bool] = False  # the pull-back validates its rows
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"unknown belief rule {self.rule!r}; valid rules are {RULES}")
         check_aggregate(self.aggregate)
+        if isinstance(self.certified, Belief) or not callable(getattr(self.certified, "row_radii", None)):
+            raise ValueError(f"certified must be a bound with certified row radii (Ghost(), Exact()), got "
+                             f"{self.certified!r}")
 
     def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
                   masked: bool | None = None) -> Tensor:
-        """τ_max,n for every row n, flat (not aggregated); ignored rows get +inf."""
+        """min(τ_max,n, R_n) for every row n, flat (not aggregated); ignored rows get +inf."""
         z, a, y = _flat_rows(logits, slopes, labels)
         ignored = _ignored(y)
         label_rows = None if y is None else torch.where(ignored, z.argmax(dim=-1), y)  # a live class, never read
         caps = belief_step_cap(z, live_slopes(z, a, masked), label_rows, rule=self.rule, backoff=self.backoff,
                                eps=self.eps)
-        return _drop_ignored(caps, ignored)
+        certified = self.certified.row_radii(z, a, y, masked=masked).to(caps)
+        return _drop_ignored(torch.minimum(caps, certified), ignored)
 
 
 class Min:
@@ -265,7 +283,7 @@ class Min:
     def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
                  masked: bool | None = None) -> Tensor:
         """The smallest of the member radii."""
-        return torch.stack([b(logits, slopes, labels, masked=masked) for b in self.bounds]).amin()
+        return torch.stack([bound_radius(b, logits, slopes, labels, masked=masked) for b in leaves(self)]).amin()
 
     def __repr__(self) -> str:
         return f"Min{self.bounds!r}"
@@ -309,4 +327,4 @@ def make_bound(spec: BoundSpec, aggregate: Aggregate | None = None) -> Bound | M
             raise ValueError("bound list is empty; give at least one bound")
         return parts[0] if len(parts) == 1 else Min(*parts)
     raise ValueError(f"bound must be a name, a Bound or a list of them, got {type(spec).__name__}; a Bound has "
-                     "name, aggregate, row_radii(logits, slopes, labels, *, masked) and __call__(same arguments)")
+                     "name, aggregate, accepts_nonfinite and row_radii(logits, slopes, labels, *, masked)")

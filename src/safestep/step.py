@@ -1,100 +1,377 @@
-"""One measured step as pure functions: the functional core under ``SafeStep`` (docs/step.md).
+"""One guarded step as one function (the torch.optim pattern: ``SafeStep.step`` gathers lists, ``safe_step`` steps).
 
-    snapshot(θ)  →  inner optimizer step  →  displacement(θ1, θ0) = (Δθ, τ)  →  probe_slopes  →  radius = ρ
-                 →  scale_for(mode, r, τ, ρ) = s  →  apply(θ0 + s·Δθ, with ‖θ − θ0‖ ≤ r·ρ exactly)  |  restore(θ0)
+    prepare_batch  validate the batch, the labels and the probe rows — nothing has changed yet
+    safe_step      snapshot θ0 → inner step → Δθ = θ1 − θ0, τ = ‖Δθ‖ → slopes a = J_z(θ0)·Δθ/τ on the probed rows
+                   → ρ (the bound over rows and ranks) → one host read (the decision) → s = min(1, r·ρ/τ) (cap)
+                   or r·ρ/τ (set) → θ = θ0 + s·Δθ with ‖θ − θ0‖ ≤ r·ρ exactly | restore θ0 → StepReport
 
-Every function here works on lists of tensors (the trainable parameters' local tensors, in one fixed order) and
-returns device tensors; only ``SafeStep`` reads numbers on the host (once per step, for the apply decision).
-``global_norm`` is the package's one global L2 norm and ``probe.fd_step`` its one finite-difference step rule.
+Any exception after the snapshot restores θ0 bit for bit before it propagates. The tensor arithmetic (norms, the
+snapshot, the guarded write) is ``safestep.update``; the bounds are ``safestep.bounds``; the probe is
+``safestep.probe``. Reading one step: this file, then those three.
 """
 from __future__ import annotations
 
+import contextlib
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from .bounds import IGNORE_INDEX, Bound, Min, aggregate_radii, leaves
+from .bounds import IGNORE_INDEX, Aggregate, Bound, BoundSpec, Min, aggregate_radii, bound_radius, leaves, make_bound
 from .collectives import Reducer
-from .probe import Displacement, Inputs, Probe, Slopes
+from .layout import local_tensor
+from .probe import (DEFAULT_PROBE_SIZE, METHODS, SELECTIONS, Displacement, Inputs, Probe, ProbeSize, Slopes,
+                    batch_size, check_probe_size, choose_rows, eligible_rows, probe_count, shared_leaves, take_rows)
+from .telemetry import StepReport
+from .update import apply, displacement, gradients_finite, restore, snapshot
 
-__all__ = [
-    "MODES",
-    "Displacement",
-    "Radius",
-    "global_norm",
-    "gradients_finite",
-    "snapshot",
-    "restore",
-    "sharded_norm",
-    "displacement",
-    "probe_slopes",
-    "radius",
-    "Decision",
-    "read_decision",
-    "scale_for",
-    "apply",
-    "rescale",
-    "unit_roundoff",
-]
+__all__ = ["MODES", "StepConfig", "StepTarget", "RunState", "Schema", "Batch", "prepare_batch", "safe_step",
+           "Radius", "radius", "Decision", "read_decision", "scale_for", "skips_on_device"]
 
 MODES = ("cap", "set", "monitor")
-_APPLY_ATTEMPTS = 16  # writes re-measured and shrunk at most this many times
-_SHRINK = 1.0 - 2.0**-10  # each re-measured write aims this far inside the limit
-_APRIORI_LOSS = 1e-3  # the rounding bound may shorten a step by at most this fraction; else the write is measured
+_PREFLIGHT_ROWS = 2
+ROLLED_BACK = ("safestep: the step was rolled back: the parameters are restored to their values before the step "
+               "(θ0, bit for bit); the inner optimizer's state (moments, step counts) has advanced by this step")
 
 
-def global_norm(tensors: Sequence[Tensor]) -> Tensor:
-    """‖(t_1, …, t_n)‖₂ over all tensors, accumulated in float64 (0-dim, on the first tensor's device)."""
-    device = tensors[0].device
-    norms = torch._foreach_norm(list(tensors), 2, dtype=torch.float64)
-    if any(n.device != device for n in norms):
-        norms = [n.to(device) for n in norms]
-    return torch.linalg.vector_norm(torch.stack(norms))
+@dataclass(frozen=True)
+class StepConfig:
+    """How every step is guarded (validated once, on construction): mode, r, bound, slope estimator, probe budget
+    and row choice, and the label that marks rows outside the loss."""
+
+    mode: str = "cap"
+    r: float = 1.0
+    bound: Bound | Min = field(default_factory=lambda: make_bound("ghost"))
+    method: str = "auto"
+    probe_size: ProbeSize = DEFAULT_PROBE_SIZE
+    probe_select: str = "mixed"
+    ignore_index: int = IGNORE_INDEX
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if not (isinstance(self.r, (int, float)) and not isinstance(self.r, bool) and math.isfinite(self.r)
+                and self.r > 0):
+            raise ValueError(f"r must be a finite positive number, got {self.r!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        check_probe_size(self.probe_size)
+        if self.probe_select not in SELECTIONS:
+            raise ValueError(f"probe_select must be one of {tuple(SELECTIONS)}, got {self.probe_select!r}")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise ValueError(f"ignore_index must be an int, got {self.ignore_index!r}")
+
+    @classmethod
+    def build(cls, bound: BoundSpec = "ghost", aggregate: Aggregate | None = None, **options: Any) -> "StepConfig":
+        """A config whose bound is given as ``make_bound`` takes it (a name, a Bound, or a list: their minimum)."""
+        return cls(bound=make_bound(bound, aggregate), **options)
+
+    @property
+    def bound_names(self) -> list[str]:
+        """The names of the bound's leaves, in the order ``radius`` reports the binding one."""
+        return [member.name for member in leaves(self.bound)]
 
 
-def gradients_finite(grads: Sequence[Tensor]) -> Tensor:
-    """True (0-dim bool) when every gradient entry is finite; sparse gradients are checked on their values."""
-    dense = [g for g in grads if not g.is_sparse]
-    values = [g.coalesce().values() for g in grads if g.is_sparse]
-    parts = [t for t in (dense + values) if t.numel()]
-    if not parts:
-        return torch.tensor(True)
-    return torch.isfinite(global_norm(parts))
+@dataclass
+class StepTarget:
+    """What a step probes and with whom it agrees: the model's probe, the rank reducer, whether parameters are
+    sharded, and ``quiet()``, a context in which the model's own forwards are not captured as training calls."""
+
+    probe: Probe
+    reducer: Reducer = field(default_factory=Reducer)
+    sharded: bool = False
+    quiet: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
 
 
-def snapshot(live: Sequence[Tensor]) -> list[Tensor]:
-    """θ0: a copy of every tensor (the one parameter-sized buffer a step keeps)."""
-    return [t.clone() for t in live]
+@dataclass(frozen=True)
+class Schema:
+    """What the first step learned about the logits: classes K, row dimensions, whether −inf (masked) classes occur."""
+
+    classes: int
+    row_dims: int
+    masked: bool
 
 
-def restore(live: Sequence[Tensor], theta0: Sequence[Tensor]) -> None:
-    """θ ← θ0, bit for bit."""
-    torch._foreach_copy_(list(live), list(theta0))
+@dataclass
+class RunState:
+    """What a run carries from step to step: the schema, the number of steps (it rotates the probe's stride) and
+    the once-only notes already given."""
+
+    schema: Schema | None = None
+    steps: int = 0
+    noted: set[str] = field(default_factory=set)
 
 
-def sharded_norm(tensors: Sequence[Tensor], reducer: Reducer | None, sharded: bool) -> Tensor:
-    """The global norm; for shards, √(Σ_r ‖·_r‖²) over the ranks (one all_reduce SUM)."""
-    norm = global_norm(tensors)
-    return reducer.sum(norm**2).sqrt() if sharded and reducer is not None else norm
+@dataclass(frozen=True)
+class Batch:
+    """A validated step: the probed rows of the batch, their labels (IGNORE_INDEX outside the loss), the number of
+    batch rows probed and in the batch, and why the rows differ from what the options asked for (or "")."""
+
+    inputs: Inputs | None
+    labels: Tensor | None
+    rows_probed: int
+    rows_in_batch: int
+    note: str = ""
 
 
-def displacement(live: Sequence[Tensor], theta0: list[Tensor], reducer: Reducer | None = None,
-                 sharded: bool = False) -> Displacement:
-    """Δθ = θ1 − θ0, τ = ‖Δθ‖ and ‖θ0‖ (computed when first read)."""
-    delta = torch._foreach_sub(list(live), theta0)
-    return Displacement(theta0, delta, sharded_norm(delta, reducer, sharded),
-                        lambda: sharded_norm(theta0, reducer, sharded))
+# -- validation: before anything changes ------------------------------------------------------------------------
+def prepare_batch(config: StepConfig, target: StepTarget, state: RunState, params: Sequence[Tensor],
+                  inputs: Inputs | None, labels: Any = None, scores: Tensor | None = None) -> Batch:
+    """Check the batch and labels and choose the probe rows, with nothing changed yet (ValueError on bad input).
+
+    ``labels``: one class index per logits row, batch first (``config.ignore_index`` marks rows outside the loss);
+    ``scores``: the training forward's row scores (``probe.row_scores``) for the row choice, when they fit the batch.
+    On the first step the probe is called once on two rows at θ0 to learn K and check the logits and labels.
+    """
+    if not params:
+        return Batch(None, None, 0, 0)
+    if inputs is None:
+        raise ValueError(
+            "SafeStep.step() has no batch to probe: call the model on the training batch (with gradients "
+            "enabled) before step(), or pass it explicitly: opt.step(inputs=x) "
+            "(a tuple for positional arguments, a dict for keyword arguments)")
+    rows_in_batch = batch_size(inputs)
+    if rows_in_batch == 0:
+        raise ValueError("the batch is empty (0 rows): there is nothing to probe and no update to bound; skip the "
+                         "step (do not call step()) for an empty batch")
+    labels = None if labels is None else _checked_labels(labels, rows_in_batch, config.ignore_index, state.schema)
+    if state.schema is None:
+        state.schema = _preflight(config, target, params, inputs, labels, rows_in_batch)
+    elif labels is not None and labels.ndim - 1 != state.schema.row_dims - 1:
+        raise ValueError(f"labels have {labels.ndim} dimension(s) but the model's logits have "
+                         f"{state.schema.row_dims} row dimension(s) (one label per logits row)")
+    rows, note = _probe_rows(config, target, state, inputs, labels, scores, rows_in_batch)
+    if rows is None:
+        return Batch(inputs, labels, rows_in_batch, rows_in_batch, note)
+    picked = None if labels is None else labels.index_select(0, rows.to(labels.device))
+    return Batch(take_rows(inputs, rows, rows_in_batch), picked, rows.numel(), rows_in_batch, note)
 
 
-def probe_slopes(probe: Probe, params: Sequence[Tensor], step: Displacement, inputs: Inputs, method: str) -> Slopes:
-    """a = J_z(θ0)·Δθ/τ on ``inputs`` (under no_grad)."""
-    with torch.no_grad():
-        return probe.along(params, step, inputs, method)
+def _checked_labels(labels: Any, rows_in_batch: int, ignore_index: int, schema: Schema | None) -> Tensor:
+    """Integer labels, one per batch row, with ``ignore_index`` mapped to IGNORE_INDEX; on the host (CPU labels)
+    every label is range-checked here, device labels are checked by the step's decision flags."""
+    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        kind = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
+        raise ValueError(f"labels must be an integer tensor of class indices, got {kind}")
+    if labels.ndim == 0 or labels.shape[0] != rows_in_batch:
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but the batch has {rows_in_batch} rows: give one "
+                         "label per logits row, batch first (ignore_index for rows outside the loss)")
+    if ignore_index != IGNORE_INDEX:
+        labels = labels.masked_fill(labels == ignore_index, IGNORE_INDEX)
+    if schema is not None and labels.device.type == "cpu":
+        _check_label_range(labels, schema.classes, ignore_index)
+    return labels
 
 
+def _check_label_range(labels: Tensor, classes: int, ignore_index: int) -> None:
+    valid = ((labels >= 0) & (labels < classes)) | (labels == IGNORE_INDEX)
+    if not bool(valid.all()):
+        bad = labels[~valid]
+        raise ValueError(f"labels must be class indices in [0, {classes}) or ignore_index {ignore_index}, got "
+                         f"{int(bad.min())}..{int(bad.max())} at {int(bad.numel())} row(s)")
+
+
+def _preflight(config: StepConfig, target: StepTarget, params: Sequence[Tensor], inputs: Inputs,
+               labels: Tensor | None, rows_in_batch: int) -> Schema:
+    """First step only: the probe at θ0 on two rows learns K and checks the logits against the labels."""
+    coupled = target.probe.uses_batch_statistics()
+    rows = torch.arange(min(_PREFLIGHT_ROWS, rows_in_batch))
+    probed = inputs if coupled else take_rows(inputs, rows, rows_in_batch)
+    live = [local_tensor(p).detach() for p in params]
+    one = torch.ones((), dtype=torch.float64, device=live[0].device)
+    with target.quiet(), torch.no_grad():
+        logits = target.probe.along(params, Displacement(live, [torch.zeros_like(t) for t in live], one, one),
+                                    probed, config.method).logits
+    if logits.shape[-1] < 2:
+        raise ValueError(f"the model's logits have K = {logits.shape[-1]} class(es) in their last dimension; "
+                         "cross-entropy over fewer than 2 classes is constant, there is no step to bound")
+    if labels is not None:
+        picked = labels if coupled else labels.index_select(0, rows.to(labels.device))
+        if tuple(picked.shape) != tuple(logits.shape[:-1]):
+            raise ValueError(_row_mismatch(tuple(labels.shape), tuple(logits.shape), rows_in_batch))
+        _check_label_range(labels.cpu() if labels.device.type != "cpu" else labels, logits.shape[-1],
+                           config.ignore_index)
+    return Schema(logits.shape[-1], logits.ndim - 1, bool(torch.isneginf(logits).any()))
+
+
+def _row_mismatch(labels: tuple[int, ...], logits: tuple[int, ...], rows_in_batch: int) -> str:
+    """What to do when the labels' rows and the logits' rows differ (nanoGPT's ``logits[:, [-1]]`` among them)."""
+    hint = ""
+    if len(logits) == 3 and len(labels) == 2 and logits[1] < labels[1]:
+        hint = (f" The model returned logits for {logits[1]} position(s) of {labels[1]}: a model that returns only "
+                "the last position when called without targets (nanoGPT's forward) must be probed with every "
+                "position, e.g. inputs=(x, y) so the model is called as in training, or logits_fn=lambda model, "
+                "inputs: <the full (B, T, V) logits>.")
+    return (f"labels have shape {labels} (batch of {rows_in_batch}) but the model's logits have shape "
+            f"(B, {', '.join(map(str, logits[1:]))}) per probed batch: give one label per logits row.{hint}")
+
+
+def _probe_rows(config: StepConfig, target: StepTarget, state: RunState, inputs: Inputs, labels: Tensor | None,
+                scores: Tensor | None, rows_in_batch: int) -> tuple[Tensor | None, str]:
+    """The batch rows to probe (None: all of them) and why the choice differs from the options (or "")."""
+    if target.probe.uses_batch_statistics():
+        return None, ""
+    count = probe_count(rows_in_batch, config.probe_size)
+    if count >= rows_in_batch:
+        return None, ""
+    shared = shared_leaves(inputs, rows_in_batch)
+    if shared:
+        return None, _once(state, "shared", f"argument(s) {', '.join(shared)} have a leading size equal to both the "
+                           f"batch ({rows_in_batch}) and the sequence length, so rows cannot be told from positions: "
+                           "the whole batch is probed")
+    share = SELECTIONS[config.probe_select]
+    note = ""
+    if share > 0 and scores is None:
+        note = _once(state, "scores", f"probe_select={config.probe_select!r} has no row scores for this batch (the "
+                     "training forward's logits were not captured for it, or K > 4096 without labels_fn): rows "
+                     "come from the rotated stride")
+    active = None if labels is None else eligible_rows(labels)
+    return choose_rows(rows_in_batch, count, scores, state.steps, share, active), note
+
+
+def _once(state: RunState, key: str, text: str) -> str:
+    """``text`` the first time ``key`` is noted in this run, "" afterwards."""
+    if key in state.noted:
+        return ""
+    state.noted.add(key)
+    return text
+
+
+# -- the transaction -------------------------------------------------------------------------------------------
+def safe_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], batch: Batch, config: StepConfig,
+              target: StepTarget, state: RunState, start: float | None = None) -> StepReport:
+    """One guarded step of ``optimizer`` over ``params`` (the trainable parameters), probed on ``batch``.
+
+    Returns the step's report; on any exception after the snapshot, θ0 is restored bit for bit and the exception
+    carries a note saying so. ``state.steps`` is left to the caller (it counts committed steps).
+    """
+    start = time.perf_counter() if start is None else start
+    report = _Reporter(config, state, batch, start)
+    if not params:
+        optimizer.step()
+        return report(0.0, math.inf, 1.0, reason="no parameter has a gradient")
+    grads = [local_tensor(p.grad) for p in params if p.grad is not None]
+    finite = target.reducer.min(gradients_finite(grads).to(torch.float64).reshape(1))
+    on_device = config.mode != "monitor" and skips_on_device(optimizer)
+    if not on_device and not finite.item() > 0:  # host read 1 of 2 (none for optimizers that skip on the device)
+        if config.mode != "monitor":
+            return report(math.nan, math.nan, 0.0, skipped=True, reason="non-finite gradient: step skipped")
+        finite = None  # monitor: applied as the inner optimizer does, unmeasured
+    live = [local_tensor(p).detach() for p in params]
+    theta0 = snapshot(live)
+    try:
+        _inner_step(optimizer, finite if on_device else None)
+        if finite is None:
+            return report(math.nan, math.nan, 1.0, reason="non-finite gradient: applied unmeasured (monitor)")
+        return _measured(params, live, theta0, batch, config, target, state, report,
+                         finite if on_device else None)
+    except BaseException as error:
+        restore(live, theta0)
+        if hasattr(error, "add_note"):
+            error.add_note(ROLLED_BACK)
+        raise
+
+
+def _measured(params: Sequence[Tensor], live: list[Tensor], theta0: list[Tensor], batch: Batch, config: StepConfig,
+              target: StepTarget, state: RunState, report: "_Reporter", finite: Tensor | None) -> StepReport:
+    """Δθ, τ, the slopes, ρ and the decision; then the guarded write (or the restore)."""
+    assert state.schema is not None
+    step = displacement(live, theta0, target.reducer, target.sharded)
+    with target.quiet(), torch.no_grad():
+        slopes = target.probe.along(params, step, batch.inputs, config.method)
+    found = radius(config.bound, slopes, batch.labels, step.tau, masked=state.schema.masked, reducer=target.reducer)
+    decision = read_decision(step, found, finite)  # host read 2 of 2: the apply decision
+    if not decision.gradients_ok:  # the inner optimizer skipped its update on the device: nothing moved
+        restore(live, theta0)
+        return report(math.nan, math.nan, 0.0, skipped=True, reason="non-finite gradient: step skipped")
+    if decision.masked and not state.schema.masked:  # −inf logits appear: from now on their slopes are ignored
+        state.schema = Schema(state.schema.classes, state.schema.row_dims, True)
+        if not math.isfinite(decision.rho) and decision.tau > 0:  # their slopes broke this step's radius
+            found = radius(config.bound, slopes, batch.labels, step.tau, masked=True, reducer=target.reducer)
+            decision = read_decision(step, found, finite)
+    _check_decision(decision, slopes.logits.shape[-1], config.ignore_index)
+    tau, rho = decision.tau, decision.rho
+    binding = config.bound_names[decision.binding]
+    reason = report.prefix(slopes)
+    if not math.isfinite(tau):
+        return _uncertified(live, theta0, config, report, tau, binding, slopes, reason + "non-finite update")
+    if tau == 0.0:  # lr = 0 (a warm-up's first step) or a zero gradient: no direction, nothing to bound
+        return report(0.0, math.inf, 1.0, binding, slopes.method, reason=reason + "zero update: nothing to bound")
+    if decision.broken or not rho > 0:  # NaN, or 0 from a spread that overflowed
+        return _uncertified(live, theta0, config, report, tau, binding, slopes, reason + "non-finite probe output")
+    scale, why = scale_for(config.mode, config.r, tau, rho)
+    if config.mode != "monitor" and math.isfinite(rho):
+        scale = apply(live, step, scale, config.r * rho, tau, decision.theta_norm, target.reducer, target.sharded)
+        if scale == 0.0:
+            return report(tau, rho, 0.0, binding, slopes.method, skipped=True, reason=reason +
+                          "no step of length <= r·rho is representable at this precision: parameters restored")
+    return report(tau, rho, scale, binding, slopes.method, reason=reason + why)
+
+
+def _check_decision(decision: "Decision", classes: int, ignore_index: int) -> None:
+    """Raise for labels out of range (device labels) and for parameters that differ across ranks."""
+    if decision.bad_labels:
+        raise ValueError(f"labels must be class indices in [0, {classes}) or ignore_index {ignore_index}")
+    if decision.tau_high - decision.tau_low > 1e-6 * decision.tau_high:
+        raise RuntimeError(
+            f"the update length τ differs across ranks ({decision.tau_low:.6g} to {decision.tau_high:.6g}): the "
+            "parameters are not replicated; wrap the model in DistributedDataParallel (averaged gradients) or shard "
+            "it with FSDP2")
+
+
+def _uncertified(live: list[Tensor], theta0: list[Tensor], config: StepConfig, report: "_Reporter", tau: float,
+                 binding: str, slopes: Slopes, why: str) -> StepReport:
+    """A step no radius certifies: restored to θ0 and reported skipped (cap, set), or left applied (monitor)."""
+    if config.mode == "monitor":
+        return report(tau, math.nan, 1.0, binding, slopes.method, reason=f"{why}: applied unmeasured (monitor)")
+    restore(live, theta0)
+    return report(tau, math.nan, 0.0, binding, slopes.method, skipped=True, reason=f"{why}: parameters restored")
+
+
+class _Reporter:
+    """Builds the step's ``StepReport`` (r = τ/ρ, r_applied = s·r, the batch's row counts, the wall time)."""
+
+    def __init__(self, config: StepConfig, state: RunState, batch: Batch, start: float) -> None:
+        self.config, self.state, self.batch, self.start = config, state, batch, start
+
+    def prefix(self, slopes: Slopes) -> str:
+        """The notes of the probe and the row choice, as the start of the report's reason."""
+        notes = [n for n in (slopes.note, self.batch.note) if n]
+        return "".join(f"{n}; " for n in notes)
+
+    def __call__(self, tau: float, rho: float, scale: float, bound: str | None = None, method: str = "none",
+                 skipped: bool = False, reason: str = "") -> StepReport:
+        ratio = 0.0 if tau == 0 else (tau / rho if rho != 0 else math.inf)
+        return StepReport(tau=tau, rho=rho, r_proposed=ratio, scale=scale, r_applied=0.0 if skipped else scale * ratio,
+                          bound=bound or self.config.bound.name if bound is None else bound, method=method,
+                          rows_probed=self.batch.rows_probed, skipped=skipped,
+                          seconds=time.perf_counter() - self.start, step=self.state.steps, reason=reason,
+                          rows_in_batch=self.batch.rows_in_batch)
+
+
+def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
+    """True for optimizers (fused Adam, AdamW, SGD, Adagrad) that skip their whole update, state included, when
+    their ``found_inf`` tensor is non-zero: the non-finite-gradient check then needs no host read."""
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and getattr(optimizer, "found_inf", None) is None
+
+
+def _inner_step(optimizer: torch.optim.Optimizer, finite: Tensor | None) -> None:
+    """optimizer.step(); with ``finite`` (1.0 = every gradient finite), the device-side skip is armed for the call."""
+    if finite is None:
+        optimizer.step()
+        return
+    optimizer.found_inf = (1.0 - finite).to(torch.float32).reshape(())
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
+
+
+# -- ρ over rows and ranks, and the one host read ------------------------------------------------------------------
 @dataclass(frozen=True)
 class Radius:
     """ρ over the probed rows of every rank, with what the apply decision reads (device tensors, except binding).
@@ -119,33 +396,27 @@ def _row_checks(slopes: Slopes, labels: Tensor | None) -> Tensor:
     masked = torch.isneginf(low).any()
     if labels is None:
         return torch.stack([broken.any(), torch.zeros_like(masked), masked]).to(torch.float64)
+    labels = labels.to(logits.device)
     ignored = labels == IGNORE_INDEX
     invalid = ((labels < 0) | (labels >= logits.shape[-1])) & ~ignored
     return torch.stack([(broken & ~ignored).any(), invalid.any(), masked]).to(torch.float64)
-
-
-def _check_label_shape(slopes: Slopes, labels: Tensor | None) -> None:
-    if labels is not None and tuple(labels.shape) != tuple(slopes.logits.shape[:-1]):
-        raise ValueError(f"labels have shape {tuple(labels.shape)} but the probed logits have rows "
-                         f"{tuple(slopes.logits.shape[:-1])}: give one class index per logits row (IGNORE_INDEX -100 "
-                         "for rows outside the loss)")
 
 
 def radius(bound: Bound | Min, slopes: Slopes, labels: Tensor | None, tau: Tensor, *, masked: bool,
            reducer: Reducer) -> Radius:
     """ρ = min over the bound's leaves of each leaf's radius, every leaf reduced over ranks on its own.
 
-    "max" leaves: the per-rank radius, then MIN over ranks; quantile leaves: the per-row radii of every rank are
-    gathered and the quantile is taken over the global batch. One all_reduce MIN carries the flags, ±τ and the
-    "max" radii. Bounds that validate their input (``accepts_nonfinite`` false: exact, belief) are evaluated only
-    when every row is finite, which costs one host read; the ghost bound needs none.
+    "max" leaves: the per-rank radius (``bound_radius``), then MIN over ranks; quantile leaves: the per-row radii
+    of every rank are gathered and the quantile is taken over the global batch. One all_reduce MIN carries the
+    flags, ±τ and the "max" radii. Bounds that validate their input (``accepts_nonfinite`` false: exact, belief)
+    are evaluated only when every row is finite, which costs one host read; the ghost bound needs none.
     """
-    _check_label_shape(slopes, labels)
     flags = _row_checks(slopes, labels)
     members = list(leaves(bound))
-    usable = all(getattr(m, "accepts_nonfinite", False) for m in members) or not bool(flags[:2].any())
-    quantile = [getattr(m, "aggregate", "max") != "max" for m in members]
-    local = [_local_radius(m, slopes, labels, masked, usable, tau.device) for m, q in zip(members, quantile) if not q]
+    usable = all(m.accepts_nonfinite for m in members) or not bool(flags[:2].any())
+    quantile = [m.aggregate != "max" for m in members]
+    device = tau.device
+    local = [_local_radius(m, slopes, labels, masked, usable, device) for m, q in zip(members, quantile) if not q]
     tau_range = None
     maxed = iter(local)
     if reducer.active:
@@ -164,7 +435,7 @@ def _local_radius(member: Bound, slopes: Slopes, labels: Tensor | None, masked: 
                   device: torch.device) -> Tensor:
     if not usable:
         return torch.tensor(math.nan, dtype=torch.float64, device=device)
-    rho = member(slopes.logits, slopes.slopes, labels, masked=masked)
+    rho = bound_radius(member, slopes.logits, slopes.slopes, labels, masked=masked)
     return rho if rho.dtype == torch.float64 and rho.device == device else rho.to(device=device, dtype=torch.float64)
 
 
@@ -227,60 +498,3 @@ def scale_for(mode: str, r: float, tau: float, rho: float) -> tuple[float, str]:
     if mode == "cap":
         return (1.0, "") if target >= 1.0 else (target, "capped")
     return target, ""
-
-
-def unit_roundoff(tensors: Sequence[Tensor]) -> tuple[float, float]:
-    """(u, σ): the largest unit roundoff ε/2 and smallest subnormal among the tensors' dtypes."""
-    infos = [torch.finfo(t.dtype) for t in tensors]
-    return max(i.eps for i in infos) / 2, max(i.smallest_normal * i.eps for i in infos)
-
-
-def apply(live: Sequence[Tensor], step: Displacement, scale: float, limit: float, tau: float, theta_norm: float,
-          reducer: Reducer | None = None, sharded: bool = False) -> float:
-    """θ ← θ0 + s·Δθ with the realized ‖θ − θ0‖ <= ``limit`` exactly; returns the s used (0: restored to θ0).
-
-    s = 1 leaves θ1 untouched (bit for bit) when τ(1 + 2u) <= limit. Otherwise θ = fl(θ0 + fl(s·Δθ)) obeys
-    ‖θ − θ0‖ <= s·τ(1 + 3u) + u‖θ0‖ + √n·σ elementwise-rounding bound (u the unit roundoff, σ the smallest
-    subnormal), so s is lowered until that bound is <= limit — no host read. When that would shorten the step by
-    more than 0.1 % (half precision, u = 2⁻⁸; or a step near the resolution of θ), the written step is measured
-    exactly instead (one host read per attempt) and shrunk until it fits; if it never fits, θ0 is restored.
-    """
-    live = list(live)
-    u, sigma = unit_roundoff(live)
-    if scale == 1.0 and tau * (1.0 + 2.0 * u) <= limit:
-        return 1.0
-    n = sum(t.numel() for t in live)
-    room = limit * (1.0 - 1e-12) - u * theta_norm - math.sqrt(n) * sigma
-    safe = min(scale, room / (tau * (1.0 + 3.0 * u))) if room > 0 else 0.0
-    if safe >= scale * (1.0 - _APRIORI_LOSS):
-        rescale(live, step, safe)
-        return safe
-    return _measured_write(live, step, min(scale, limit / tau), limit, reducer, sharded)
-
-
-def rescale(live: Sequence[Tensor], step: Displacement, scale: float) -> None:
-    """θ ← θ0 + s·Δθ, as written (no bound on its rounding: ``apply`` is the guarded write)."""
-    live = list(live)
-    torch._foreach_copy_(live, step.theta0)
-    torch._foreach_add_(live, step.delta, alpha=scale)
-
-
-def _realized(live: list[Tensor], theta0: list[Tensor], reducer: Reducer | None, sharded: bool) -> float:
-    """‖θ − θ0‖ computed exactly enough (differences in float64, one tensor at a time)."""
-    squares = sum(torch.linalg.vector_norm(t.double() - t0.double()) ** 2 for t, t0 in zip(live, theta0))
-    total = torch.as_tensor(squares, dtype=torch.float64)
-    if sharded and reducer is not None:
-        total = reducer.sum(total)
-    return float(total.sqrt())
-
-
-def _measured_write(live: list[Tensor], step: Displacement, scale: float, limit: float, reducer: Reducer | None,
-                    sharded: bool) -> float:
-    for _ in range(_APPLY_ATTEMPTS):
-        rescale(live, step, scale)
-        realized = _realized(live, step.theta0, reducer, sharded)
-        if realized <= limit:
-            return scale
-        scale *= limit / realized * _SHRINK
-    restore(live, step.theta0)
-    return 0.0

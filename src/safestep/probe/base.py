@@ -15,7 +15,8 @@ from torch import Tensor
 
 from .inputs import Inputs
 
-__all__ = ["METHODS", "Displacement", "Slopes", "Probe", "fd_step", "probe_dtype", "is_missing_forward_ad"]
+__all__ = ["METHODS", "Displacement", "Slopes", "Probe", "fd_step", "central_difference", "probe_dtype",
+           "is_missing_forward_ad"]
 
 METHODS = ("auto", "jvp", "fd")
 
@@ -30,6 +31,11 @@ class Displacement:
                  theta_norm: Tensor | Callable[[], Tensor]) -> None:
         self.theta0, self.delta, self.tau = theta0, delta, tau
         self._theta_norm = theta_norm
+
+    @property
+    def inverse_tau(self) -> Tensor:
+        """1/τ, and 0 for a zero update (lr = 0): the slopes along no direction are 0, never NaN."""
+        return torch.where(self.tau > 0, 1.0 / self.tau, torch.zeros_like(self.tau))
 
     @property
     def theta_norm(self) -> Tensor:
@@ -76,6 +82,11 @@ def fd_step(theta_norm: Tensor, dtype: torch.dtype) -> Tensor:
     """
     eps = torch.finfo(probe_dtype(dtype)).eps
     return eps ** (1.0 / 3.0) * torch.clamp(theta_norm.to(torch.float64), min=1.0)
+
+
+def central_difference(plus: Tensor, minus: Tensor, h: Tensor | float) -> Slopes:
+    """The package's one difference quotient: logits (z₊ + z₋)/2 and slopes (z₊ − z₋)/2h from z± = z(θ0 ± h·v)."""
+    return Slopes((plus + minus) / 2, (plus - minus) / (2 * h), "fd")
 
 
 _FORWARD_AD_PHRASES = ("forward ad", "forward-mode", "forward mode", "jvp")

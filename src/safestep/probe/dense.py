@@ -33,8 +33,9 @@ from torch import Tensor, nn
 from torch.autograd import forward_ad
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
-from .base import METHODS, Displacement, Slopes, fd_step, is_missing_forward_ad, probe_dtype
-from .inputs import Inputs, LogitsFn, as_batch, default_logits_fn, map_tensors
+from ..norm import global_norm
+from .base import METHODS, Displacement, Slopes, central_difference, fd_step, is_missing_forward_ad, probe_dtype
+from .inputs import Inputs, LogitsFn, as_batch, default_logits_fn, describe, map_tensors
 
 __all__ = ["LogitProbe", "check_logits", "logits_of", "require_forward"]
 
@@ -64,7 +65,7 @@ def logits_of(model: nn.Module, inputs: Inputs, logits_fn: LogitsFn | None) -> T
     """The logits of one probe call: the captured call replayed exactly, or ``logits_fn(model, as_batch(inputs))``."""
     if logits_fn is None:
         return default_logits_fn(model, inputs)
-    return logits_fn(model, as_batch(inputs))
+    return check_logits(logits_fn(model, as_batch(inputs)))
 
 
 def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
@@ -79,10 +80,37 @@ def _attention_context() -> contextlib.AbstractContextManager:
     return sdpa_kernel(SDPBackend.MATH)
 
 
+@contextlib.contextmanager
+def _checkpoints_inline() -> Iterator[None]:
+    """Inside the block, ``torch.utils.checkpoint``'s reentrant checkpoints call their function directly.
+
+    A reentrant checkpoint is an autograd.Function without a forward-mode rule: it passes dual tensors through its
+    inputs only, so the tangent of every parameter used inside it is silently dropped. The probe keeps no graph,
+    so there is nothing to recompute: running the function directly is the same function with its tangents.
+    (The patch is process-wide while the block runs: another thread checkpointing meanwhile is not recomputed.)
+    """
+    from torch.utils import checkpoint
+
+    function = getattr(checkpoint, "CheckpointFunction", None)
+    if function is None:
+        yield
+        return
+    own = function.__dict__.get("apply")  # None: inherited from autograd.Function
+    function.apply = classmethod(lambda cls, run, preserve_rng_state, *args: run(*args))  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        if own is None:
+            del function.apply
+        else:
+            function.apply = own
+
+
 def check_logits(logits: object) -> Tensor:
-    """``logits`` if it is a floating (B, K) or (B, T, V) tensor; ValueError otherwise."""
+    """What a user's ``logits_fn`` returned, if it is a floating (B, K) or (B, T, V) tensor; ValueError otherwise."""
     if not isinstance(logits, Tensor) or not logits.is_floating_point() or logits.ndim < 2:
-        raise ValueError("logits_fn must return a floating tensor of shape (B, K) or (B, T, V)")
+        raise ValueError(f"logits_fn returned {describe(logits)}; it must return the floating logits tensor of shape "
+                         "(B, K) or (B, T, V)")
     return logits
 
 
@@ -96,6 +124,12 @@ class LogitProbe:
         require_forward(model, logits_fn)
         self.model = model
         self.logits_fn = logits_fn
+        self.fallback = ""  # why "auto" uses finite differences; empty while the JVP works
+        self._learn_modules()
+
+    def _learn_modules(self) -> None:
+        """Index the model's parameters, tensor slots and the modules whose mode the probe switches."""
+        model = self.model
         self._params = list(model.parameters())
         self._places = _tensor_places(model)
         modules = list(model.named_modules())
@@ -104,14 +138,16 @@ class LogitProbe:
         self._norms = [(name, m) for name, m in modules if isinstance(m, _NormBase)]
         self._batch_norms = [m for _, m in self._norms if isinstance(m, _BatchNorm)]
         self._names = {p: name for name, p in model.named_parameters()}  # keyed by the parameter: survives copies
-        self.fallback = ""  # why "auto" uses finite differences; empty while the JVP works
 
     def uses_batch_statistics(self) -> bool:
         """True when a batch norm normalizes with batch statistics (the batch rows are then coupled)."""
         return any(m.training or m.running_mean is None for m in self._batch_norms)
 
     def names(self, params: Sequence[Tensor]) -> list[str]:
-        """The model's names of ``params`` (ValueError for a tensor that is not one of its parameters)."""
+        """The model's names of ``params`` (ValueError for a tensor that is not one of its parameters); a module
+        attached to the model after the probe was built is learned here."""
+        if any(p not in self._names for p in params):
+            self._learn_modules()
         try:
             return [self._names[p] for p in params]
         except KeyError:
@@ -130,9 +166,9 @@ class LogitProbe:
 
         def finite_difference() -> Slopes:
             h = fd_step(step.theta_norm, step.theta0[0].dtype)
-            return self._central_difference(fd_point, h / step.tau, h, inputs)
+            return self._central_difference(fd_point, h * step.inverse_tau, h, inputs)
 
-        return self._measure(theta0, dict(zip(names, step.delta)), 1.0 / step.tau, finite_difference, inputs, method)
+        return self._measure(theta0, dict(zip(names, step.delta)), step.inverse_tau, finite_difference, inputs, method)
 
     def __call__(self, params: TensorDict, direction: TensorDict, inputs: Inputs, method: str = "auto") -> Slopes:
         """a = J_z(θ0)·v at ``params`` (θ0 by name) along ``direction`` (v, same names; unit norm for slopes per unit τ).
@@ -153,8 +189,7 @@ class LogitProbe:
             return dict(zip(names, torch._foreach_add([t.to(dtype) for t in theta], [t.to(dtype) for t in v], alpha=weight)))
 
         def finite_difference() -> Slopes:
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(theta, 2, dtype=torch.float64)))
-            h = float(fd_step(norm, theta[0].dtype))
+            h = float(fd_step(global_norm(theta), theta[0].dtype))
             return self._central_difference(fd_point, h, h, inputs)
 
         return self._measure(params, direction, 1.0, finite_difference, inputs, method)
@@ -185,7 +220,7 @@ class LogitProbe:
 
     def _jvp(self, theta: TensorDict, tangent: TensorDict, tangent_scale: Tensor | float, inputs: Inputs) -> Slopes:
         dtype = self._compute_dtype(theta)
-        with _attention_context(), forward_ad.dual_level():
+        with _attention_context(), _checkpoints_inline(), forward_ad.dual_level():
             duals = {n: forward_ad.make_dual(_as(t, dtype), _as(tangent[n], dtype)) for n, t in theta.items()}
             logits, slopes = forward_ad.unpack_dual(self._logits(duals, inputs, dtype))
         if slopes is None:
@@ -195,9 +230,7 @@ class LogitProbe:
     def _central_difference(self, point: Callable[[Tensor | float], TensorDict], weight: Tensor | float,
                             h: Tensor | float, inputs: Inputs) -> Slopes:
         """(z(θ0 + hv) − z(θ0 − hv))/2h; ``point(w)`` builds the parameters at θ0 + w·(tangent), one at a time."""
-        plus = self._logits(point(weight), inputs)
-        minus = self._logits(point(-weight), inputs)
-        return Slopes((plus + minus) / 2, (plus - minus) / (2 * h), "fd")
+        return central_difference(self._logits(point(weight), inputs), self._logits(point(-weight), inputs), h)
 
     # -- evaluation -------------------------------------------------------------------------------------------
     def _compute_dtype(self, tensors: TensorDict) -> torch.dtype:
@@ -223,7 +256,7 @@ class LogitProbe:
         if not state.keys() <= self._places.keys():  # a tensor registered after construction
             self._places = _tensor_places(self.model)
         with _substituted(self._places, state):
-            return check_logits(logits_of(self.model, inputs, self.logits_fn))
+            return logits_of(self.model, inputs, self.logits_fn)
 
     @contextlib.contextmanager
     def deterministic(self) -> Iterator[None]:

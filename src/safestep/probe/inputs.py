@@ -21,11 +21,13 @@ __all__ = [
     "LogitsFn",
     "call_model",
     "extract_logits",
+    "describe",
     "default_logits_fn",
     "as_batch",
     "tensor_leaves",
     "map_tensors",
     "batch_size",
+    "shared_leaves",
     "take_rows",
     "Scorer",
     "InputCapture",
@@ -55,19 +57,34 @@ def call_model(model: nn.Module, inputs: Inputs) -> Any:
 
 
 def extract_logits(output: Any) -> Tensor:
-    """The logits in a model output: the tensor itself, ``output.logits``, ``output["logits"]`` or ``output[0]``."""
-    if isinstance(output, Tensor):
-        return output
+    """The logits in a model output: the tensor itself, ``output.logits``, ``output["logits"]`` or the first tensor
+    of a tuple/list with at least two dimensions (``(loss, logits)`` as some models return it).
+
+    ValueError, saying what was received, when none of these is a floating tensor with a class dimension.
+    """
+    found: Any = output
     if isinstance(getattr(output, "logits", None), Tensor):
-        return output.logits
-    if isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
-        return output["logits"]
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], Tensor):
-        return output[0]
-    raise ValueError(
-        f"cannot find logits in a model output of type {type(output).__name__}; "
-        "pass logits_fn=lambda model, inputs: ... returning the (B, K) or (B, T, V) logits tensor"
-    )
+        found = output.logits
+    elif isinstance(output, Mapping) and isinstance(output.get("logits"), Tensor):
+        found = output["logits"]
+    elif isinstance(output, (tuple, list)):
+        found = next((t for t in output if isinstance(t, Tensor) and t.ndim >= 2), None)
+    if isinstance(found, Tensor) and found.is_floating_point() and found.ndim >= 2:
+        return found
+    raise ValueError(f"the model returned {describe(output)}, not logits of shape (B, K) or (B, T, V); SafeStep "
+                     "probes the logits, so point it at them: logits_fn=lambda model, inputs: ... returning the "
+                     "logits tensor (e.g. model.logits_of(inputs), or the second element when the forward returns "
+                     "(loss, logits) for some inputs only)")
+
+
+def describe(output: Any) -> str:
+    """A short description of a model output for an error message (a 0-dim tensor is most likely a loss)."""
+    if isinstance(output, Tensor):
+        kind = "a 0-dim tensor (a loss?)" if output.ndim == 0 else f"a tensor of shape {tuple(output.shape)}"
+        return kind if output.is_floating_point() else f"{kind} of dtype {output.dtype}"
+    if isinstance(output, (tuple, list)):
+        return f"a {type(output).__name__} of {', '.join(describe(o) for o in output[:3])}"
+    return f"an object of type {type(output).__name__}"
 
 
 def default_logits_fn(model: nn.Module, inputs: Inputs) -> Tensor:
@@ -118,6 +135,31 @@ def batch_size(inputs: Inputs) -> int:
         if leaf.ndim > 0:
             return leaf.shape[0]
     raise ValueError("the inputs hold no tensor with a batch dimension; cannot probe them")
+
+
+def _leaf_paths(inputs: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
+    """(a readable path, tensor) for every tensor leaf, in ``tensor_leaves`` order."""
+    if isinstance(inputs, Tensor):
+        yield prefix or "input", inputs
+    elif isinstance(inputs, CallArgs):
+        yield from _leaf_paths(inputs.args, prefix)
+        yield from _leaf_paths(inputs.kwargs, prefix)
+    elif isinstance(inputs, Mapping):
+        for key, value in inputs.items():
+            yield from _leaf_paths(value, f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(inputs, (tuple, list)):
+        for index, value in enumerate(inputs):
+            yield from _leaf_paths(value, f"{prefix}[{index}]")
+
+
+def shared_leaves(inputs: Inputs, batch: int) -> list[str]:
+    """The inputs whose leading size equals the batch size only by coincidence with the sequence length: when the
+    batch-defining tensor is (B, T, ...) with T = B, any other tensor of leading size B (position ids (T,), a (T, T)
+    mask, or a per-row (B,) vector) cannot be told per-row from per-position. Empty when there is no doubt."""
+    leaves = [(path, t) for path, t in _leaf_paths(inputs) if t.ndim > 0]
+    if not leaves or leaves[0][1].ndim < 2 or leaves[0][1].shape[1] != batch:
+        return []
+    return [path for path, t in leaves[1:] if t.shape[0] == batch]
 
 
 def take_rows(inputs: Inputs, rows: Tensor, batch: int) -> Inputs:

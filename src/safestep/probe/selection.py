@@ -28,13 +28,17 @@ from typing import Union
 import torch
 from torch import Tensor
 
-__all__ = ["ProbeSize", "SELECTIONS", "check_probe_size", "probe_count", "row_scores", "choose_rows"]
+from ..bounds import IGNORE_INDEX
+
+__all__ = ["ProbeSize", "DEFAULT_PROBE_SIZE", "SELECTIONS", "check_probe_size", "probe_count", "row_scores",
+           "eligible_rows", "choose_rows"]
+
+DEFAULT_PROBE_SIZE = 0.125  # an eighth of the batch rows (docs/probe_budget.md)
 
 SELECTIONS = {"mixed": 0.5, "score": 1.0, "stride": 0.0}
 """The row choices and the share of the budget each spends on the highest scores (the rest: a rotated stride)."""
 
 ProbeSize = Union[int, float, None]
-_IGNORE_INDEX = -100
 SMALL_VOCABULARY = 4096  # above, scores use one max pass over the logits instead of an exponential of each
 
 
@@ -77,7 +81,7 @@ def row_scores(logits: Tensor, labels: Tensor | None = None) -> Tensor | None:
         score = (top[..., 1] - top[..., 0]).float()
     else:
         labels = labels.to(z.device)
-        ignored = labels == _IGNORE_INDEX
+        ignored = labels == IGNORE_INDEX
         picked = z.gather(-1, labels.masked_fill(ignored, 0).unsqueeze(-1)).squeeze(-1).float()
         log_total = torch.logsumexp(z.float(), dim=-1) if small else z.amax(dim=-1).float()
         score = (log_total - picked).masked_fill(ignored, -math.inf)
@@ -92,20 +96,35 @@ def _stride(batch: int, count: int, step: int) -> Tensor:
     return (torch.arange(count, dtype=torch.float64) * stride + offset).floor().long().clamp(max=batch - 1)
 
 
-def choose_rows(batch: int, count: int, scores: Tensor | None, step: int, scored_share: float = 1.0) -> Tensor | None:
+def eligible_rows(labels: Tensor) -> Tensor:
+    """True for the batch rows with at least one label in the loss (not IGNORE_INDEX): padding rows are never probed
+    while a row in the loss is left."""
+    return (labels != IGNORE_INDEX).reshape(labels.shape[0], -1).any(dim=1)
+
+
+def choose_rows(batch: int, count: int, scores: Tensor | None, step: int, scored_share: float = 1.0,
+                eligible: Tensor | None = None) -> Tensor | None:
     """``count`` row indices (ascending), None when every row is probed.
 
     ⌈scored_share·count⌉ of them are the highest scores (ties to the lower index), the rest come from a stride
-    rotated by the step (skipping rows already chosen); without scores all come from the stride. Fixed-size
-    tensor operations only: no host read, whatever the device.
+    rotated by the step (skipping rows already chosen); without scores all come from the stride. Rows not
+    ``eligible`` (bool per row: no label in the loss) come last: they are taken only when fewer than ``count``
+    rows are eligible, and eligible rows off the stride fill the stride's ineligible places. Fixed-size tensor
+    operations only: no host read, whatever the device.
     """
     if count >= batch:
         return None
     scored = 0 if scores is None or scores.shape != (batch,) else math.ceil(scored_share * count - 1e-9)
-    if scored == 0:
+    if scored == 0 and eligible is None:
         return _stride(batch, count, step)
-    device = scores.device
-    priority = torch.zeros(batch, device=device)  # 2 for the scored rows, 1 − j/(2·count) for stride candidate j
-    priority[_stride(batch, count, step).to(device)] = 1.0 - torch.arange(count, device=device) / (2.0 * count)
-    priority[torch.sort(scores, descending=True, stable=True).indices[:scored]] = 2.0
+    device = scores.device if scored else eligible.device  # type: ignore[union-attr]
+    # priority: 3 for the scored rows, 2 − j/(2·count) for stride candidate j, 1 − n/(2·batch) for any other row n,
+    # and 3 less for rows outside the loss
+    priority = 1.0 - torch.arange(batch, device=device, dtype=torch.float32) / (2.0 * batch)
+    priority[_stride(batch, count, step).to(device)] = 2.0 - torch.arange(count, device=device) / (2.0 * count)
+    if scored:
+        ranked = scores if eligible is None else scores.masked_fill(~eligible.to(device), -math.inf)
+        priority[torch.sort(ranked, descending=True, stable=True).indices[:scored]] = 3.0
+    if eligible is not None:
+        priority = priority - 3.0 * (~eligible.to(device)).float()
     return torch.topk(priority, count).indices.sort().values

@@ -12,9 +12,9 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from ..distributed import fsdp2_modules, local_tensor
-from .base import Displacement, Slopes, fd_step
-from .dense import LogitProbe, check_logits, logits_of
+from ..layout import fsdp2_modules, local_tensor
+from .base import Displacement, Slopes, central_difference, fd_step
+from .dense import LogitProbe, logits_of
 from .inputs import Inputs, LogitsFn
 
 __all__ = ["ShardedProbe"]
@@ -42,7 +42,7 @@ class ShardedProbe:
         saved = [t.clone() for t in shards]
         buffers = [(b, b.clone()) for b in self.model.buffers()]
         h = fd_step(step.theta_norm, shards[0].dtype)
-        weight = h / step.tau
+        weight = h * step.inverse_tau
         try:
             with self._modes.deterministic(), torch.no_grad():
                 plus = self._logits_at(shards, step.theta0, saved, weight, inputs)
@@ -52,7 +52,7 @@ class ShardedProbe:
                 torch._foreach_copy_(shards, saved)
                 for buffer, value in buffers:
                     buffer.copy_(value)
-        return Slopes((plus + minus) / 2, (plus - minus) / (2 * h), "fd")
+        return central_difference(plus, minus, h)
 
     def _logits_at(self, shards: list[Tensor], theta0: list[Tensor], theta1: list[Tensor], weight: Tensor,
                    inputs: Inputs) -> Tensor:
@@ -60,4 +60,4 @@ class ShardedProbe:
         logits = logits_of(self.model, inputs, self.logits_fn)
         for module in self._fsdp2:  # a root keeps its parameters gathered after forward: the next one would be stale
             module.reshard()
-        return check_logits(logits)
+        return logits
