@@ -6,6 +6,7 @@ from .simplex import (
     anchor,
     backoff,
     barrier,
+    belief_radius,
     belief_step_cap,
     contraction_factor,
     max_step,
@@ -14,6 +15,7 @@ from .simplex import (
     normalized_entropy,
     project_to_simplex,
     projected_step,
+    spread_radius,
 )
 
 __all__ = [
@@ -22,6 +24,7 @@ __all__ = [
     # simplex.py: admissible steps in belief space
     "normalized_entropy", "barrier", "backoff", "max_step", "ads_step", "mse_step", "project_to_simplex",
     "projected_step", "mirror_step", "contraction_factor", "anchor", "belief_step_cap",
+    "belief_radius", "spread_radius",
     # curvature.py: Hessian comparators
     "directional_curvature", "top_hessian_eigenvalue", "hessian_step",
 ]

@@ -8,9 +8,17 @@ L = 1/min p (smoothness). Step-size rules (``RULES``):
 * ``"paper"``   the paper's certificate 2μ/L² = 2·min p²/max p (sufficient, loose);
 * ``"sharp"``   the gradient-step threshold 2/L = 2·min p of a convex L-smooth energy;
 * ``"tangent"`` the exact local threshold 2/θ_max of the projected step at p = y, θ_max = λ_max of diag(1/p) on T;
-* ``"support"`` the exact threshold 2/θ_max for the energy of a given target y, θ_max = λ_max of the true Hessian
-  diag(y/p²) on T. Curvature lives on the support of y only: for a one-hot label c it is 2·p_c²·K/(K − 1),
-  free of the vocabulary size. Below it the projected step is Euclidean-nonexpansive (docs/belief_support.md).
+* ``"support"`` 2/θ_max for the energy of a given target y, θ_max = λ_max of the true Hessian diag(y/p²) on T.
+  Curvature lives on the support of y only: for a one-hot label c it is 2·p_c²·K/(K − 1), free of the vocabulary
+  size. Below it the *projected* step is Euclidean-*nonexpansive* (not contracting: a one-hot energy has μ = 0, and
+  KL between two beliefs can grow); taken at both beliefs of a pair this holds for any target, but with a soft
+  target the projected step can land where p_k = 0 < y_k (E = +∞). The mirror step keeps p > 0 and, for a one-hot
+  label, lowers E for every η > 0 (docs/belief_support.md §3).
+
+Guarantees, stated exactly: "paper" is the paper's KL-contraction certificate, which holds near the fixed point only
+(the rigorous global form is Euclidean); "sharp"/"tangent" are thresholds of the Fisher proxy; "support" is a
+nonexpansiveness threshold. ``belief_step_cap`` pulls any of them back to a parameter step to *first order* only;
+``belief_radius`` is that cap never beyond a certified radius ≤ ρ* (π/Δ_a by default): the bound to cap steps with.
 
 The first three use the Fisher proxy and need no target; "support" takes a target (default: the fixed point y = p,
 where it equals "tangent"; ``belief_step_cap`` builds it from the labels). The entropy backoff 1/(1 + α(B)),
@@ -21,11 +29,13 @@ negative entries, |Σ p − 1| > 1e-6, non-finite values, empty input or K < 2 r
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 from ._checks import as_float64, check_belief, check_labels, check_nonnegative, class_vectors, same_shape, softmax_line
+from .radius import radius_lower_bound
 
 __all__ = [
     "RULES",
@@ -41,6 +51,9 @@ __all__ = [
     "contraction_factor",
     "anchor",
     "belief_step_cap",
+    "CertifiedRadius",
+    "spread_radius",
+    "belief_radius",
 ]
 
 RULES = ("paper", "sharp", "tangent", "support")
@@ -218,9 +231,12 @@ def _step_inputs(p: Tensor, target: Tensor, eta: Tensor | float) -> tuple[Tensor
 
 
 def projected_step(p: Tensor, target: Tensor, eta: Tensor | float) -> Tensor:
-    """F_η(p) = Π_Δ(p − η∇E(p)) with the CE gradient ∇E = −target/max(p, 1e-12).
+    """F_η(p) = Π_Δ(p − η∇E(p)) with the CE gradient ∇E = −target/max(p, 1e-12): the paper's theory model.
 
-    ``eta`` is a scalar or a (...) tensor broadcasting against the batch dimensions of ``p``.
+    ``eta`` is a scalar or a (...) tensor broadcasting against the batch dimensions of ``p``. For
+    η <= max_step(p, "support", target=y) it is Euclidean-nonexpansive near p (not contracting). It can land on a
+    face of the simplex: with a soft target, at that threshold, on a class with y_k > 0, giving E = +∞
+    (docs/belief_support.md §3); prefer ``mirror_step`` for soft targets.
     """
     q, y, lr = _step_inputs(p, target, eta)
     return project_to_simplex(q + lr * y / q.clamp(min=GRADIENT_FLOOR))
@@ -230,6 +246,9 @@ def mirror_step(p: Tensor, target: Tensor, eta: Tensor | float) -> Tensor:
     """Entropic mirror descent p' = softmax(log p + η·target/max(p, 1e-12)) (exponentiated gradient on CE).
 
     ``eta`` is a scalar or a (...) tensor broadcasting against the batch dimensions of ``p``; zero entries of p stay 0.
+    Positive entries stay positive, so E stays finite for any target (in exact arithmetic). For a one-hot label c it
+    raises p_c, hence lowers E = −log p_c, for every η > 0; for soft targets "E does not rise below the support
+    rule" is measured, not proven (docs/belief_support.md §3).
     """
     q, y, lr = _step_inputs(p, target, eta)
     return _softmax(q.log() + lr * y / q.clamp(min=GRADIENT_FLOOR))
@@ -312,8 +331,10 @@ def belief_step_cap(
     *,
     smoothing: float = 0.0,
 ) -> Tensor:
-    """τ_max,n = η_adm(p_n)·‖P_T g_n‖/‖J_s(p_n) a_n‖, the largest step τ with η_eff,n(τ) <= η_adm(p_n).
+    """τ_max,n = η_adm(p_n)·‖P_T g_n‖/‖J_s(p_n) a_n‖, the largest τ with first-order η_eff,n(τ) <= η_adm(p_n).
 
+    **First order, not a bound**: it can exceed the row's convergence radius ρ* (and can be inf while the row's
+    loss explodes along the step); to cap steps use ``belief_radius``, which never exceeds a certified radius.
     First-order pull-back (docs/geometry.md): a step τ moves logits by τ·a_n (a = ``logit_slopes``, dz/dτ) and the
     belief by Δp_n ≈ τ·J_s a_n with J_s = diag(p) − ppᵀ; the effective belief-space step is
     η_eff,n = ‖Δp_n‖/‖P_T g_n‖ with g_n = −y_n/p_n the CE gradient, and η_adm = ``max_step(p, rule)``, times
@@ -359,3 +380,45 @@ def belief_step_cap(
         cap = torch.where(belief_speed > 0, eta_adm * tangent_grad_norm / belief_speed, math.inf)
     cap = torch.where(eta_adm > 0, cap, 0.0)
     return torch.where(k > 1, cap, math.inf)
+
+
+CertifiedRadius = Callable[[Tensor, Tensor], Tensor]
+"""(logits, slopes) of shape (..., K) → a radius per row (...) that is <= ρ*; −inf logits mark masked classes."""
+
+
+def spread_radius(logits: Tensor, logit_slopes: Tensor) -> Tensor:
+    """π/Δ_a with Δ_a the spread of the live slopes: a certified lower bound on ρ* (inf where Δ_a = 0).
+
+    The default certified radius of ``belief_radius``; masked classes (−inf logits) are left out of the spread.
+    """
+    _, a, live = softmax_line(logits, logit_slopes)
+    return radius_lower_bound(a, live=live)
+
+
+def belief_radius(
+    logits: Tensor,
+    logit_slopes: Tensor,
+    labels: Tensor | None = None,
+    rule: str = "support",
+    backoff: bool = True,
+    eps: float = 1e-10,
+    *,
+    smoothing: float = 0.0,
+    certified: CertifiedRadius = spread_radius,
+) -> Tensor:
+    """τ_n = min(τ_max,n, R_n): the belief rule's first-order pull-back, never beyond a certified radius R_n <= ρ*_n.
+
+    τ_max,n is ``belief_step_cap`` with the same arguments (the rule's admissible belief step, pulled back to first
+    order); R_n = ``certified(logits, logit_slopes)`` must be a certified lower bound on the row's convergence
+    radius ρ*_n (default π/Δ_a, ``spread_radius``). So τ_n <= ρ*_n for every row whatever the rule: a step of length
+    τ_n along the slopes keeps the row's linearized cross-entropy inside the disk where its Taylor series converges,
+    and, where the pull-back binds, moves the belief no more than the rule admits to first order.
+    Why the minimum is needed (docs/belief_support.md §6): a belief move is bounded (‖Δp‖₁ <= 2) while the loss
+    is not, so no belief-space criterion, first order or exact along the path, can bound the loss on its own.
+    NaN radii (non-finite input to ``certified``) propagate: no certificate.
+    """
+    cap = belief_step_cap(logits, logit_slopes, labels, rule, backoff, eps, smoothing=smoothing)
+    radius = torch.as_tensor(certified(logits, logit_slopes), dtype=torch.float64, device=cap.device)
+    if radius.shape != cap.shape:
+        raise ValueError(f"certified returned shape {tuple(radius.shape)}; one radius per row needs {tuple(cap.shape)}")
+    return torch.minimum(cap, radius)
