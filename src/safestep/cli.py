@@ -345,6 +345,124 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=_run_report)
 
 
+def _share(text: str) -> float:
+    """An argparse type accepting a share in [0, 1)."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share in [0, 1), e.g. 0.05, got {text!r}")
+    return value
+
+
+def _factor(text: str) -> float:
+    """An argparse type accepting a finite factor >= 1."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 1.0):
+        raise argparse.ArgumentTypeError(f"expected a factor >= 1, e.g. 1.5, got {text!r}")
+    return value
+
+
+def _calibration_progress(disabled: bool) -> tuple[Callable[[str, int, int], None] | None, Callable[[], None]]:
+    """(progress callback, close) for calibrate: a tqdm bar per phase when tqdm is installed and not ``disabled``."""
+    if disabled or importlib.util.find_spec("tqdm") is None:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bars: dict[str, tqdm] = {}
+
+    def advance(phase: str, done: int, total: int) -> None:
+        if phase not in bars:
+            bars[phase] = tqdm(total=total, desc=f"calibrate: {phase}", unit="step", leave=False)
+        bars[phase].update(done - bars[phase].n)
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    return advance, close
+
+
+def _run_calibrate(args: argparse.Namespace) -> int:
+    out = None if args.no_figure else Path(args.out)
+    if out is not None:
+        _require("plot")
+        _check_out_dir(out.parent)
+        if out.is_dir():
+            raise _UsageError(f"cannot write the figure to {out}: give a file name, e.g. --out calibrate.png")
+    import torch
+
+    from .calibrate import Rule, calibrate, calibrate_history, load_target
+
+    torch.set_num_threads(args.threads)
+    rule = Rule(args.max_cap_share, args.max_overstatement, args.cheap_ratio)
+    source = Path(args.source)
+    if ":" in args.source and not source.is_file():
+        try:
+            entry = load_target(args.source)
+        except ValueError as error:
+            raise _UsageError(str(error)) from None
+        progress, close = _calibration_progress(args.no_progress)
+        try:
+            result = calibrate(entry, steps=args.steps, compare=args.compare, timing_steps=args.timing_steps,
+                               rule=rule, progress=progress)
+        finally:
+            close()
+    else:
+        try:
+            result = calibrate_history(source, rule=rule)
+        except OSError as error:
+            raise _UsageError(f"cannot read {source}: {error.strerror or error}") from None
+        except ValueError as error:
+            raise _UsageError(str(error)) from None
+    try:
+        text = result.summary()
+    except ValueError as error:  # no step had a finite r
+        raise _UsageError(str(error)) from None
+    print(text)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        result.figure().savefig(out)
+        print(f"\nwrote {out}")
+    return 0
+
+
+def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "calibrate",
+        help="recommend r and the probe from a short monitor-mode run of your training (or a history): "
+        "quantiles of r, cap shares, probe vs whole batch, seconds per step, one figure",
+        description="SOURCE is SCRIPT.py:FUNCTION or MODULE:FUNCTION, a function returning "
+        "safestep.calibrate.CalibrationTarget(model, optimizer, train_step[, options]) (docs/calibrate.md), or a "
+        "CSV/JSON-lines history of step reports from any integration. A run trains the target for "
+        "2*TIMING_STEPS + 2 + STEPS ordinary steps of its optimizer (monitor mode never changes an update).",
+    )
+    parser.add_argument("source", help="SCRIPT.py:FUNCTION, MODULE:FUNCTION, or a .jsonl/.csv history")
+    parser.add_argument("--steps", type=_positive_int, default=100,
+                        help="monitored steps with the default probe (default 100)")
+    parser.add_argument("--compare", type=_int_in(0, None, "a non-negative integer"), default=5,
+                        help="of those, steps also measured with the whole batch along the same update (default 5)")
+    parser.add_argument("--timing-steps", type=_positive_int, default=5,
+                        help="timed steps of the plain optimizer and of the whole-batch probe (default 5)")
+    parser.add_argument("--max-cap-share", type=_share, default=0.05,
+                        help="rule: the smallest r that caps at most this share of the steps (default 0.05)")
+    parser.add_argument("--max-overstatement", type=_factor, default=1.5,
+                        help="rule: probe the whole batch when the default probe's rho exceeds the whole batch's "
+                        "by more than this factor on a compared step (default 1.5)")
+    parser.add_argument("--cheap-ratio", type=_factor, default=1.1,
+                        help="rule: ... or when the whole batch costs at most this factor of the default probe's "
+                        "seconds per step (default 1.1)")
+    parser.add_argument("--out", default="calibrate.png", help="the figure to write (default: ./calibrate.png)")
+    parser.add_argument("--no-figure", action="store_true", help="print the report only (no matplotlib needed)")
+    parser.add_argument("--threads", type=_threads, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (shown when tqdm is installed)")
+    parser.set_defaults(handler=_run_calibrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand registered."""
     parser = argparse.ArgumentParser(prog="safestep", description="Provably bounded training steps for cross-entropy models.")
@@ -354,6 +472,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_list(subparsers)
     _add_reproduce(subparsers)
     _add_plot(subparsers)
+    _add_calibrate(subparsers)
     _add_report(subparsers)
     return parser
 
