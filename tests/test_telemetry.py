@@ -126,14 +126,15 @@ def test_callback_sink_passes_flat_metrics_and_the_step_every_nth_report():
         assert metrics == report_metrics(history[step], "s/")
 
 
-def test_callback_sink_that_raises_leaves_the_history_unchanged_and_bad_arguments():
+def test_callback_sink_that_raises_misses_only_its_copy_and_bad_arguments():
     def fail(metrics, step):
         raise ConnectionError("tracker down")
 
-    history = History(sinks=[CallbackSink(fail)])
+    calls = []
+    history = History(sinks=[CallbackSink(fail), CallbackSink(lambda metrics, step: calls.append(step))])
     with pytest.raises(ConnectionError):
         history.append(_report(0))
-    assert len(history) == 0
+    assert len(history) == 1 and calls == [0]  # the history and the other sinks still got the report
     with pytest.raises(ValueError, match="callable"):
         CallbackSink("wandb.log")
     for every in (0, 1.5, True):

@@ -255,8 +255,8 @@ class CallbackSink:
     its current one, which a loop that logs per micro-batch or logs eval too has passed); a function
     ``step(report) -> int`` passes its value (e.g. the trainer's global step). ``step_key`` also puts
     ``report.step`` into the metrics under that key (for ``wandb.define_metric(..., step_metric=step_key)``).
-    ``fn`` runs inside the guarded step, like every sink: an exception it raises rolls the step back
-    (docs/step.md) and propagates.
+    Like every sink, ``fn`` gets the report once the step has committed: an exception it raises leaves the step
+    applied and recorded, and propagates after the other sinks had the report.
     """
 
     def __init__(self, fn: Callable[..., Any], *, every: int = 1, prefix: str = DEFAULT_PREFIX,
