@@ -36,9 +36,8 @@ from typing import ClassVar, Protocol, Union, runtime_checkable
 import torch
 from torch import Tensor
 
-from .geometry import belief_step_cap
 from .geometry.radius import exact_radius, min_exact_radius, row_spread
-from .geometry.simplex import RULES
+from .geometry.simplex import RULES, belief_radius
 
 __all__ = [
     "IGNORE_INDEX",
@@ -228,11 +227,12 @@ class Exact(_RowBound):
 class Belief(_RowBound):
     """A belief-space rule pulled back to a step length per row, never beyond a certified radius.
 
-    ρ_n = min(τ_max,n, R_n). τ_max,n is the rule's admissible belief step pulled back to *first order*
-    (``geometry.belief_step_cap``): ``rule`` (one of ``geometry.simplex.RULES``) and ``backoff`` (entropy backoff
-    1/(1 + α(B))) select η_adm. R_n is the row radius of ``certified``, a bound whose rows are certified lower
-    bounds on ρ*_n (default ``Ghost()``, π/Δ_a; ``Exact()`` gives ρ* itself). So ρ_n <= ρ*_n for every rule: a
-    capped step stays inside every probed row's convergence radius, like every other bound. The first-order
+    ρ_n = min(τ_max,n, R_n) (``geometry.belief_radius``). τ_max,n is the rule's admissible belief step pulled back
+    to *first order* (``geometry.belief_step_cap``): ``rule`` (one of ``geometry.simplex.RULES``) and ``backoff``
+    (entropy backoff 1/(1 + α(B))) select η_adm. R_n is a certified lower bound on the row's convergence radius ρ*_n:
+    by default R_w (``geometry.weighted_radius``, weighing classes by probability, never below π/Δ_a), or the row
+    radii of the bound ``certified`` (``Ghost()`` for π/Δ_a, ``Exact()`` for ρ* itself). So ρ_n <= ρ*_n for every
+    rule: a capped step stays inside every probed row's convergence radius, like every other bound. The first-order
     pull-back alone is not a bound: it can exceed ρ* (the issue-18 rows: inf against ρ* = 1.42), and no belief-space
     criterion can replace R_n, since a belief move is bounded while the loss is not (docs/belief_support.md §6).
 
@@ -248,16 +248,17 @@ class Belief(_RowBound):
     eps: float = 1e-10
     aggregate: Aggregate = "max"
     name: str = "belief"
-    certified: Bound = Ghost()
+    certified: Bound | None = None
     accepts_nonfinite: ClassVar[bool] = False  # the pull-back validates its rows
 
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"unknown belief rule {self.rule!r}; valid rules are {RULES}")
         check_aggregate(self.aggregate)
-        if isinstance(self.certified, Belief) or not callable(getattr(self.certified, "row_radii", None)):
-            raise ValueError(f"certified must be a bound with certified row radii (Ghost(), Exact()), got "
-                             f"{self.certified!r}")
+        if self.certified is not None and (isinstance(self.certified, Belief)
+                                           or not callable(getattr(self.certified, "row_radii", None))):
+            raise ValueError(f"certified must be None (R_w) or a bound with certified row radii (Ghost(), Exact()), "
+                             f"got {self.certified!r}")
 
     def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
                   masked: bool | None = None) -> Tensor:
@@ -265,10 +266,10 @@ class Belief(_RowBound):
         z, a, y = _flat_rows(logits, slopes, labels)
         ignored = _ignored(y)
         label_rows = None if y is None else torch.where(ignored, z.argmax(dim=-1), y)  # a live class, never read
-        caps = belief_step_cap(z, live_slopes(z, a, masked), label_rows, rule=self.rule, backoff=self.backoff,
-                               eps=self.eps)
-        certified = self.certified.row_radii(z, a, y, masked=masked).to(caps)
-        return _drop_ignored(torch.minimum(caps, certified), ignored)
+        bound = self.certified
+        certified = {} if bound is None else {"certified": lambda zz, aa: bound.row_radii(zz, aa, y, masked=masked)}
+        radii = belief_radius(z, live_slopes(z, a, masked), label_rows, self.rule, self.backoff, self.eps, **certified)
+        return _drop_ignored(radii, ignored)
 
 
 class Min:

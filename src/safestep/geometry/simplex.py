@@ -18,7 +18,8 @@ L = 1/min p (smoothness). Step-size rules (``RULES``):
 Guarantees, stated exactly: "paper" is the paper's KL-contraction certificate, which holds near the fixed point only
 (the rigorous global form is Euclidean); "sharp"/"tangent" are thresholds of the Fisher proxy; "support" is a
 nonexpansiveness threshold. ``belief_step_cap`` pulls any of them back to a parameter step to *first order* only;
-``belief_radius`` is that cap never beyond a certified radius ≤ ρ* (π/Δ_a by default): the bound to cap steps with.
+``belief_radius`` is that cap never beyond a certified radius ≤ ρ* (R_w of ``weighted_radius`` by default, or
+π/Δ_a): the bound to cap steps with.
 
 The first three use the Fisher proxy and need no target; "support" takes a target (default: the fixed point y = p,
 where it equals "tangent"; ``belief_step_cap`` builds it from the labels). The entropy backoff 1/(1 + α(B)),
@@ -36,6 +37,7 @@ from torch import Tensor
 
 from ._checks import as_float64, check_belief, check_labels, check_nonnegative, class_vectors, same_shape, softmax_line
 from .radius import radius_lower_bound
+from .weighted import weighted_radius
 
 __all__ = [
     "RULES",
@@ -389,7 +391,7 @@ CertifiedRadius = Callable[[Tensor, Tensor], Tensor]
 def spread_radius(logits: Tensor, logit_slopes: Tensor) -> Tensor:
     """π/Δ_a with Δ_a the spread of the live slopes: a certified lower bound on ρ* (inf where Δ_a = 0).
 
-    The default certified radius of ``belief_radius``; masked classes (−inf logits) are left out of the spread.
+    The cheapest certified radius for ``belief_radius``; masked classes (−inf logits) are left out of the spread.
     """
     _, a, live = softmax_line(logits, logit_slopes)
     return radius_lower_bound(a, live=live)
@@ -404,13 +406,14 @@ def belief_radius(
     eps: float = 1e-10,
     *,
     smoothing: float = 0.0,
-    certified: CertifiedRadius = spread_radius,
+    certified: CertifiedRadius = weighted_radius,
 ) -> Tensor:
     """τ_n = min(τ_max,n, R_n): the belief rule's first-order pull-back, never beyond a certified radius R_n <= ρ*_n.
 
     τ_max,n is ``belief_step_cap`` with the same arguments (the rule's admissible belief step, pulled back to first
     order); R_n = ``certified(logits, logit_slopes)`` must be a certified lower bound on the row's convergence
-    radius ρ*_n (default π/Δ_a, ``spread_radius``). So τ_n <= ρ*_n for every row whatever the rule: a step of length
+    radius ρ*_n (default R_w, ``geometry.weighted_radius``, which weighs classes by probability and is >= π/Δ_a;
+    ``spread_radius`` gives π/Δ_a). So τ_n <= ρ*_n for every row whatever the rule: a step of length
     τ_n along the slopes keeps the row's linearized cross-entropy inside the disk where its Taylor series converges,
     and, where the pull-back binds, moves the belief no more than the rule admits to first order.
     Why the minimum is needed (docs/belief_support.md §6): a belief move is bounded (‖Δp‖₁ <= 2) while the loss
