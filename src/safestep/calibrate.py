@@ -188,10 +188,7 @@ class Calibration:
         if not self.r_probe:
             raise ValueError(f"{self.source}: no step with a finite r_proposed to calibrate on")
         probe, measured, reasons = self._probe_choice()
-        scale = 1.0
-        if measured and probe is None and not math.isnan(self.median_overstatement):
-            scale = self.median_overstatement  # the whole batch's r, estimated per step from the default probe's
-        shares = {r: sum(v * scale > r for v in self.r_probe) / len(self.r_probe) for r in self.radii}
+        scale, shares = self._rule_shares(probe, measured)
         fitting = [r for r in sorted(self.radii) if shares[r] <= self.rule.max_cap_share]
         estimated = "" if scale == 1.0 else \
             f", the whole batch's r estimated as r_proposed × {scale:.2f}, the median overstatement"
@@ -205,6 +202,21 @@ class Calibration:
                               f"(r={r:g}: {shares[r]:.1%}{estimated}); the learning rate proposes steps beyond the "
                               "radius on most steps: consider lowering it (safestep.find_lr)")
         return Recommendation(r, probe, measured, tuple(reasons))
+
+    def rule_shares(self) -> dict[float, float]:
+        """{r: the share of steps a cap at r would shorten} as the rule reads it, for the recommended probe."""
+        probe, measured, _ = self._probe_choice()
+        return self._rule_shares(probe, measured)[1]
+
+    def _rule_shares(self, probe: ProbeSize, measured: bool) -> tuple[float, dict[float, float]]:
+        """(the factor applied to r_proposed, the cap share of each candidate r): with the whole batch chosen, each
+        step's whole-batch r is estimated as r_proposed × the median overstatement (the long sample is the default
+        probe's)."""
+        scale = 1.0
+        if measured and probe is None and not math.isnan(self.median_overstatement):
+            scale = self.median_overstatement
+        count = max(1, len(self.r_probe))
+        return scale, {r: sum(v * scale > r for v in self.r_probe) / count for r in self.radii}
 
     def _probe_choice(self) -> tuple[ProbeSize, bool, list[str]]:
         if not self.comparisons:
@@ -277,12 +289,13 @@ class Calibration:
             positive = sorted(v for v in values if v > 0)
             if not positive:
                 continue
-            share = [1.0 - (i + 1) / len(values) for i in range(len(positive))]
+            share = [(len(positive) - i - 1) / len(values) for i in range(len(positive))]
             ax.step(positive, share, where="post", label=f"{label} (n={len(values)})")
+        shares = self.rule_shares()
         for r in self.radii:
             chosen = r == recommendation.r
             ax.axvline(r, color="tab:red" if chosen else "0.4", linestyle="-" if chosen else ":", linewidth=1.2)
-            ax.text(r, 1.02, f"r={r:g}: {self.cap_share(r):.0%}" + (" ✓" if chosen else ""), rotation=90,
+            ax.text(r, 0.98, f"r={r:g}: {shares[r]:.1%}" + (" (chosen)" if chosen else ""), rotation=90,
                     ha="right", va="top", fontsize="small", transform=ax.get_xaxis_transform())
         ax.axhline(self.rule.max_cap_share, color="0.5", linestyle="--", linewidth=0.8,
                    label=f"rule: at most {self.rule.max_cap_share:.0%} capped")
