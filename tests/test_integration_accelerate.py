@@ -14,7 +14,7 @@ from accelerate.tracking import GeneralTracker  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 
 from safestep import SafeStep  # noqa: E402
-from safestep.integrations import report_metrics, unwrap_safestep  # noqa: E402
+from safestep.integrations import report_metrics, seat_safestep, unwrap_safestep  # noqa: E402
 from safestep.integrations.transformers import causal_lm_labels, hf_logits_fn  # noqa: E402
 from safestep.telemetry import CallbackSink  # noqa: E402
 
@@ -118,3 +118,24 @@ def test_wrapping_after_prepare_is_refused():
     model, optimizer = accelerator.prepare(model, torch.optim.AdamW(model.parameters(), lr=LR))
     with pytest.raises(ValueError, match="before accelerator.prepare"):
         SafeStep(optimizer, model, logits_fn=hf_logits_fn)
+
+
+def test_seated_after_prepare_the_guard_runs_inside_the_accumulation_gate():
+    """seat_safestep (the FSDP2 path, where the guard must see the prepared model) keeps accelerate's gate."""
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=ACCUMULATE)
+    model = _gpt2()
+    inner = torch.optim.AdamW(model.parameters(), lr=LR)
+    model, optimizer, loader = accelerator.prepare(model, inner, _loader())
+    guard = seat_safestep(optimizer, model, logits_fn=hf_logits_fn, labels_fn=causal_lm_labels)
+    assert unwrap_safestep(optimizer) is guard and guard.optimizer is inner and optimizer.param_groups is inner.param_groups
+    for batch in loader:
+        with accelerator.accumulate(model):
+            accelerator.backward(model(**batch).loss)
+            optimizer.step()
+            optimizer.zero_grad()
+    assert [r.step for r in guard.history] == list(range(MICRO_BATCHES // ACCUMULATE))
+    assert all(r.tau > 0 and not r.skipped for r in guard.history)
+    with pytest.raises(ValueError, match="already holds a SafeStep"):
+        seat_safestep(optimizer, model)
+    with pytest.raises(ValueError, match="AcceleratedOptimizer that accelerator.prepare returned"):
+        seat_safestep(inner, model)

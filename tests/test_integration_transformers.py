@@ -239,8 +239,8 @@ def test_add_safestep_wraps_a_given_optimizer_and_refuses_what_it_cannot_guard(t
     with pytest.raises(ValueError, match="already a SafeStep"):
         add_safestep(trainer)
     fsdp, _ = _trainer(_bert(), tmp_path, steps=1)
-    fsdp.is_fsdp_enabled = True  # what an FSDP Trainer looks like to add_safestep (FSDP needs several processes)
-    with pytest.raises(ValueError, match="DeepSpeed or FSDP"):
+    fsdp.is_fsdp_enabled = True  # an FSDP1 Trainer to add_safestep (FSDP2: test_integration_transformers_fsdp.py)
+    with pytest.raises(ValueError, match="FSDP2 only"):
         add_safestep(fsdp)
     assert fsdp.optimizer is None
 
@@ -269,7 +269,7 @@ def test_interval_metrics_by_hand():
     def report(tau, rho, scale, skipped=False, step=0):
         ratio = tau / rho if rho else math.nan
         return StepReport(tau=tau, rho=rho, r_proposed=ratio, scale=scale, r_applied=0.0 if skipped else scale * ratio,
-                          bound="ghost", method="jvp", probe_size=4, skipped=skipped, seconds=0.0, step=step)
+                          bound="ghost", method="jvp", rows_probed=4, skipped=skipped, seconds=0.0, step=step)
 
     reports = [report(4.0, 2.0, 0.5), report(math.nan, math.nan, 0.0, skipped=True), report(1.0, 4.0, 1.0)]
     metrics = interval_metrics(reports, prefix="s/")

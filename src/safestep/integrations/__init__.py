@@ -2,21 +2,27 @@
 
 The framework modules ``safestep.integrations.lightning`` and ``safestep.integrations.transformers`` import
 their framework at import time; this package itself imports neither, so ``import safestep`` never does.
-Accelerate needs no module: wrap the optimizer before ``accelerator.prepare``, reach the guard through the
-AcceleratedOptimizer with ``unwrap_safestep`` and log with ``telemetry.CallbackSink(accelerator.log)``.
+Accelerate needs no module: wrap the optimizer before ``accelerator.prepare`` (under FSDP2, seat it after
+``prepare`` with ``seat_safestep``), reach the guard through the AcceleratedOptimizer with ``unwrap_safestep`` and
+log with ``telemetry.CallbackSink(accelerator.log)``.
 Every metric is derived from a ``StepReport`` (``report_metrics``, defined in ``safestep.telemetry``): τ, ρ,
 r_proposed = τ/ρ (the inner optimizer's step in radius units, before scaling), s, and r_applied = s·τ/ρ (the step
 actually applied, in radius units; at most the guard's r in cap mode).
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
+import torch
+from torch import nn
+
 from ..guard import SafeStep
+from ..probe import CallArgs, Inputs
 from ..telemetry import DEFAULT_PREFIX, StepReport, report_metrics
 
-__all__ = ["DEFAULT_PREFIX", "unwrap_safestep", "report_metrics", "interval_metrics", "reports_after"]
+__all__ = ["DEFAULT_PREFIX", "unwrap_safestep", "seat_safestep", "without_keys", "report_metrics",
+           "interval_metrics", "reports_after"]
 
 _MAX_WRAPPER_DEPTH = 8
 
@@ -38,6 +44,41 @@ def unwrap_safestep(optimizer: Any) -> SafeStep | None:
         else:
             optimizer = getattr(optimizer, "optimizer", None)
     return None
+
+
+def without_keys(inputs: Inputs, keys: Collection[str]) -> Inputs:
+    """A captured call (or keyword dict) with the keyword arguments named in ``keys`` removed; positional ones are kept.
+
+    Frameworks call the model with the labels and loss options (HF ``labels``; OLMo-core ``labels``,
+    ``loss_reduction``, ...), so that it returns a loss; the probe drops them to get the logits.
+    """
+    if isinstance(inputs, CallArgs):
+        return CallArgs(inputs.args, {k: v for k, v in inputs.kwargs.items() if k not in keys})
+    if isinstance(inputs, Mapping):
+        return {k: v for k, v in inputs.items() if k not in keys}
+    return inputs
+
+
+def seat_safestep(accelerated: Any, model: nn.Module, **safestep_options: Any) -> SafeStep:
+    """Put a SafeStep between an already prepared AcceleratedOptimizer and the optimizer it wraps; returns the guard.
+
+    For FSDP2 (``fully_shard``), where ``accelerator.prepare(model, optimizer)`` shards the model and swaps the
+    optimizer's parameters for the shards: the guard must be built on the sharded model, so it is built after
+    ``prepare`` and seated *inside* the AcceleratedOptimizer, which keeps gating ``step()`` on the end of a
+    gradient-accumulation cycle and, under a GradScaler, unscaling before the guard runs. ``model`` is the
+    prepared model; every keyword goes to ``SafeStep``.
+    """
+    inner = getattr(accelerated, "optimizer", None)
+    if type(accelerated).__name__ != "AcceleratedOptimizer" or not isinstance(inner, torch.optim.Optimizer):
+        raise ValueError(f"seat_safestep needs the AcceleratedOptimizer that accelerator.prepare returned, "
+                         f"got {type(accelerated).__name__}")
+    if unwrap_safestep(accelerated) is not None:
+        raise ValueError("this AcceleratedOptimizer already holds a SafeStep")
+    guard = SafeStep(inner, model, **safestep_options)
+    state = accelerated.__getstate__()  # accelerate re-derives its GradScaler step patch from .optimizer on setstate
+    state["optimizer"] = guard
+    accelerated.__setstate__(state)
+    return guard
 
 
 def interval_metrics(reports: Sequence[StepReport], prefix: str = DEFAULT_PREFIX) -> dict[str, float]:

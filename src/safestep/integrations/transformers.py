@@ -20,8 +20,8 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_N
 
 from ..bounds import IGNORE_INDEX
 from ..guard import SafeStep
-from ..probe import CallArgs, Inputs, call_model, extract_logits
-from . import DEFAULT_PREFIX, interval_metrics, reports_after, unwrap_safestep
+from ..probe import Inputs, call_model, extract_logits
+from . import DEFAULT_PREFIX, interval_metrics, reports_after, seat_safestep, unwrap_safestep, without_keys
 
 __all__ = ["add_safestep", "SafeStepTrainerCallback", "add_safestep_callback", "hf_logits_fn", "labels_fn_for",
            "sequence_labels", "causal_lm_labels", "without_label_keys", "NON_INPUT_KEYS"]
@@ -31,11 +31,7 @@ NON_INPUT_KEYS = ("labels", "label", "label_ids", "return_loss", "num_items_in_b
 
 def without_label_keys(inputs: Inputs) -> Inputs:
     """The inputs with the keyword arguments named in ``NON_INPUT_KEYS`` removed (positional ones are kept)."""
-    if isinstance(inputs, CallArgs):
-        return CallArgs(inputs.args, {k: v for k, v in inputs.kwargs.items() if k not in NON_INPUT_KEYS})
-    if isinstance(inputs, Mapping):
-        return {k: v for k, v in inputs.items() if k not in NON_INPUT_KEYS}
-    return inputs
+    return without_keys(inputs, NON_INPUT_KEYS)
 
 
 def hf_logits_fn(model: nn.Module, inputs: Inputs) -> Tensor:
@@ -85,13 +81,18 @@ class SafeStepTrainerCallback(transformers.TrainerCallback):
     it first, so that they see the keys.
     """
 
-    def __init__(self, prefix: str = DEFAULT_PREFIX) -> None:
+    def __init__(self, prefix: str = DEFAULT_PREFIX, seat: dict[str, Any] | None = None) -> None:
         self.prefix = prefix
+        self.seat = seat
         self._guard: SafeStep | None = None
         self._last_step = -1
 
-    def on_train_begin(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
-        """Find the SafeStep inside the Trainer's (accelerate-wrapped) optimizer."""
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None,
+                       **kwargs: Any) -> None:
+        """Find the SafeStep inside the Trainer's (accelerate-wrapped) optimizer; with ``seat`` (SafeStep's options,
+        an FSDP2 Trainer) first build it on the sharded model and seat it inside the AcceleratedOptimizer."""
+        if self.seat is not None and unwrap_safestep(optimizer) is None:
+            seat_safestep(optimizer, model, **self.seat)
         self._guard = unwrap_safestep(optimizer)
         if self._guard is None:
             raise ValueError("SafeStepTrainerCallback found no SafeStep optimizer: call add_safestep(trainer) "
@@ -112,7 +113,8 @@ class SafeStepTrainerCallback(transformers.TrainerCallback):
             state.log_history[-1].update(metrics)
 
 
-def add_safestep(trainer: transformers.Trainer, *, prefix: str = DEFAULT_PREFIX, **safestep_options: Any) -> SafeStep:
+def add_safestep(trainer: transformers.Trainer, *, prefix: str = DEFAULT_PREFIX,
+                 **safestep_options: Any) -> SafeStep | None:
     """Guard the Trainer's own optimizer with SafeStep and log the guard's statistics; returns the guard.
 
     The optimizer is ``trainer.optimizer`` when the Trainer was given one, otherwise the one
@@ -122,28 +124,48 @@ def add_safestep(trainer: transformers.Trainer, *, prefix: str = DEFAULT_PREFIX,
     Trainer builds in ``train()`` is built on the guard). ``logits_fn`` defaults to ``hf_logits_fn`` and
     ``labels_fn`` to ``labels_fn_for(trainer.model)``; every keyword goes to ``SafeStep``. The logging callback is
     inserted first (``add_safestep_callback(trainer, prefix)``), so reporters (``report_to``) see its keys.
-    DeepSpeed and FSDP Trainers, which build or shard the optimizer inside ``train()``, and ``model_init``, which
-    rebuilds model and optimizer there, are refused.
+
+    An FSDP2 Trainer (``fsdp="full_shard"``, ``fsdp_config={"version": 2}``, the default version) shards the model
+    inside ``train()``: the guard is then built there, on the sharded model, by the callback's ``on_train_begin``
+    and seated inside the AcceleratedOptimizer (``seat_safestep``); ``add_safestep`` returns None and
+    ``unwrap_safestep(trainer.optimizer)`` finds the guard once training has begun. Refused: DeepSpeed (its engine
+    steps its own partitioned optimizer, docs/integrations.md), FSDP1 and XLA FSDP, and ``model_init``, which
+    rebuilds model and optimizer in ``train()``.
     """
-    if trainer.is_deepspeed_enabled or trainer.is_fsdp_enabled or trainer.is_fsdp_xla_enabled:
-        raise ValueError("add_safestep does not support DeepSpeed or FSDP Trainers: they create or shard the optimizer "
-                         "inside train(), after the guard would have wrapped it")
+    if trainer.is_deepspeed_enabled:
+        raise ValueError("add_safestep does not support DeepSpeed Trainers: the DeepSpeed engine steps its own ZeRO "
+                         "optimizer on flattened fp32 partitions, which no torch optimizer wrapper can reach; use "
+                         "FSDP2 (fsdp='full_shard') for sharded training with SafeStep (docs/integrations.md)")
+    if trainer.is_fsdp_xla_enabled or (trainer.is_fsdp_enabled and _fsdp_version(trainer) != 2):
+        raise ValueError("add_safestep supports FSDP2 only: set TrainingArguments(fsdp_config={'version': 2}) "
+                         "(FSDP1 and XLA FSDP keep flattened parameters the probe cannot perturb)")
     if trainer.model_init is not None:
         raise ValueError("add_safestep does not support Trainer(model_init=...): train() builds a new model and "
                          "optimizer, and the guard would be dropped")
     if unwrap_safestep(trainer.optimizer) is not None:
         raise ValueError("the Trainer's optimizer is already a SafeStep; add_safestep_callback(trainer) adds the logging")
-    optimizer = trainer.optimizer if trainer.optimizer is not None else trainer.create_optimizer()
     safestep_options.setdefault("logits_fn", hf_logits_fn)
     safestep_options.setdefault("labels_fn", labels_fn_for(trainer.model))
+    if trainer.is_fsdp_enabled:
+        add_safestep_callback(trainer, prefix, seat=safestep_options)
+        return None
+    optimizer = trainer.optimizer if trainer.optimizer is not None else trainer.create_optimizer()
     guard = SafeStep(optimizer, trainer.model, **safestep_options)
     trainer.optimizer = guard
     add_safestep_callback(trainer, prefix)
     return guard
 
 
-def add_safestep_callback(trainer: transformers.Trainer, prefix: str = DEFAULT_PREFIX) -> SafeStepTrainerCallback:
-    """Insert a SafeStepTrainerCallback first in the trainer's callbacks (so reporters see its keys); returns it."""
-    callback = SafeStepTrainerCallback(prefix)
+def _fsdp_version(trainer: transformers.Trainer) -> int:
+    """The FSDP version of an FSDP Trainer's accelerate plugin (1 when it names none)."""
+    return getattr(getattr(trainer.accelerator.state, "fsdp_plugin", None), "fsdp_version", 1)
+
+
+def add_safestep_callback(trainer: transformers.Trainer, prefix: str = DEFAULT_PREFIX,
+                          seat: dict[str, Any] | None = None) -> SafeStepTrainerCallback:
+    """Insert a SafeStepTrainerCallback first in the trainer's callbacks (so reporters see its keys); returns it.
+
+    ``seat`` (SafeStep's options) makes the callback build the guard when training begins (FSDP2 Trainers)."""
+    callback = SafeStepTrainerCallback(prefix, seat)
     trainer.callback_handler.callbacks.insert(0, callback)
     return callback
