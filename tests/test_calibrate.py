@@ -174,11 +174,3 @@ def test_figure_of_a_history_draws_without_a_comparison(tmp_path):
     assert (tmp_path / "f.png").stat().st_size > 0
     assert main(["calibrate", str(tmp_path / "f.png"), "--out", str(tmp_path)]) == 2  # a folder is not a file name
 
-
-def test_the_documented_digits_target_calibrates():
-    """docs/calibrate_targets.py (docs/calibrate.md's commands) on the demo's MLP, a few steps; needs the lab."""
-    if importlib.util.find_spec("safestep_lab") is None or importlib.util.find_spec("sklearn") is None:
-        pytest.skip("the reproduction lab (pip install -e lab) is not installed")
-    entry = load_target(str(Path(__file__).parents[1] / "docs" / "calibrate_targets.py") + ":mlp_layernorm")
-    result = calibrate(entry, steps=3, compare=1, timing_steps=1)
-    assert result.rows_probed == 8 and result.rows_in_batch == 64 and len(result.comparisons) == 1
