@@ -1,6 +1,7 @@
 # Two commands on a fresh machine:  `make demo`  and  `make test`.
-# Both create .venv on first use. Torch comes from TORCH_SPEC first so that pip never
-# resolves a multi-gigabyte CUDA build (on our machines torch==2.13.0 is a local CPU wheel).
+# Both create .venv on first use and install the library (.) and the reproduction lab (lab/), both editable.
+# Torch comes from TORCH_SPEC first so that pip never resolves a multi-gigabyte CUDA build
+# (on our machines torch==2.13.0 is a local CPU wheel).
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
@@ -10,10 +11,10 @@ PYTEST_ARGS ?= -m "not slow"
 
 .PHONY: demo test bench clean-venv
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml lab/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH_SPEC)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,lab]"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]" -e ./lab
 	touch $(STAMP)
 
 demo: $(STAMP)

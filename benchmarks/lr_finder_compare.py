@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 
 from safestep import SafeStep, find_lr
-from safestep.lab.data import load_digits_split
-from safestep.lab.models import MLP
+from safestep_lab.data import load_digits_split
+from safestep_lab.models import MLP
 
 BATCH = 64
 SWEEP_STEPS, SWEEP_START, SWEEP_END = 100, 1e-6, 1.0

@@ -11,7 +11,7 @@ by safestep's own code (``safestep.host_reads``). The whole table is measured on
     python benchmarks/overhead.py                      # every workload, 1 and 2 threads (about 15 minutes)
     python benchmarks/overhead.py --quick              # small classifiers only, fewer steps
     python benchmarks/overhead.py --models gpt2-d128-v8192 --threads 2
-    python benchmarks/overhead.py --json results/benchmarks/overhead.json --update-readme
+    python benchmarks/overhead.py --json benchmarks/results/overhead.json --update-readme
 """
 from __future__ import annotations
 

@@ -9,7 +9,7 @@ Cost: guarded (budget, default row choice) against plain step time, interleaved 
 
     python benchmarks/probe_frontier.py                     # every model (tens of minutes)
     python benchmarks/probe_frontier.py --quick             # small classifiers, few steps
-    python benchmarks/probe_frontier.py --json results/benchmarks/probe_frontier.json --png docs/img/probe_frontier.png \
+    python benchmarks/probe_frontier.py --json benchmarks/results/probe_frontier.json --png docs/img/probe_frontier.png \
         --update-docs                                       # the table in docs/probe_budget.md
 """
 from __future__ import annotations

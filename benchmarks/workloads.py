@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from safestep.lab.data import load_digits_split
-from safestep.lab.models import build_model
-from safestep.lab.report import replace_block
+from safestep_lab.data import load_digits_split
+from safestep_lab.models import build_model
+from safestep_lab.report import replace_block
 
 __all__ = ["Workload", "WORKLOADS", "workload", "available", "update_block"]
 
@@ -95,8 +95,8 @@ def _gpt2(d_model: int, vocab: int, seq_len: int, description: str) -> Workload:
 
 def _text_gpt(preset: str, description: str) -> Workload:
     """The lab's GPT on the Python standard library's sources (tokenized once, cached), batch 16 windows."""
-    from safestep.lab.lm import GPT, gpt_config, lm_loss
-    from safestep.lab.text import stdlib_corpus, tokenize_corpus
+    from safestep_lab.lm import GPT, gpt_config, lm_loss
+    from safestep_lab.text import stdlib_corpus, tokenize_corpus
 
     text = tokenize_corpus(stdlib_corpus(max_bytes=4_000_000), "byte" if preset == "byte" else "bpe")
     config = gpt_config(preset, vocab_size=text.vocab_size)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_cli_env import _assert_png, _fails_in_one_line, without_pyplot  # noqa: F401  (shared CLI test helpers)
+from test_cli_env import _assert_png
 
 from safestep.cli import _history_figure, main
 from safestep.telemetry import History, JSONLSink, StepReport, read_reports
@@ -16,7 +16,7 @@ def _report(step: int, tau: float, rho: float, r: float = 1.0, skipped: bool = F
     """A cap-mode report: s = min(1, r·ρ/τ), or a skipped step (nothing applied)."""
     scale = 0.0 if skipped else min(1.0, r * rho / tau)
     return StepReport(tau=tau, rho=rho, r_proposed=tau / rho, scale=scale, r_applied=0.0 if skipped else scale * tau / rho,
-                      bound="ghost", method="jvp", probe_size=16, skipped=skipped, seconds=0.01, step=step)
+                      bound="ghost", method="jvp", rows_probed=16, skipped=skipped, seconds=0.01, step=step)
 
 
 REPORTS = [_report(0, 0.1, 0.5), _report(1, 40.0, 0.5), _report(2, 0.2, math.inf), _report(3, math.nan, math.nan, skipped=True),
@@ -68,7 +68,7 @@ def test_the_figure_draws_each_field_per_step_with_gaps_where_a_log_axis_cannot(
     assert figure.get_suptitle() == "run: 5 steps, 1 capped, 1 skipped"
 
 
-def test_a_missing_or_invalid_history_fails_in_one_line(tmp_path, capsys):
+def test_a_missing_or_invalid_history_fails_in_one_line(tmp_path, fails_in_one_line):
     (tmp_path / "notes.csv").write_text("name,value\nlr,0.1\n")
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "folder.png").mkdir()
@@ -80,16 +80,16 @@ def test_a_missing_or_invalid_history_fails_in_one_line(tmp_path, capsys):
     }
     for name, message in cases.items():
         path = tmp_path / name
-        line = _fails_in_one_line(["plot", str(path)], capsys)
+        line = fails_in_one_line(["plot", str(path)])
         assert line.startswith("safestep plot: error: " + message.format(path)), line
-    line = _fails_in_one_line(["plot", str(tmp_path / "h.csv"), "--out", str(tmp_path / "folder.png")], capsys)
+    line = fails_in_one_line(["plot", str(tmp_path / "h.csv"), "--out", str(tmp_path / "folder.png")])
     assert "cannot write the figure to" in line
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty.jsonl", "folder.png", "h.csv", "notes.csv"]
 
 
-def test_plot_without_matplotlib_names_the_plot_extra(history, monkeypatch, tmp_path, capsys):
+def test_plot_without_matplotlib_names_the_plot_extra(history, monkeypatch, tmp_path, fails_in_one_line):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    line = _fails_in_one_line(["plot", str(tmp_path / "streamed.jsonl")], capsys)
+    line = fails_in_one_line(["plot", str(tmp_path / "streamed.jsonl")])
     assert line == ("safestep plot: error: this command needs the 'plot' extra (missing: matplotlib); "
                     "install it with: pip install 'safestep[plot]'")
     assert not (tmp_path / "streamed.png").exists()

@@ -1,1 +1,0 @@
-"""The reproduction lab: bundled data, small models, training loops and the demo (not imported by ``safestep``)."""
