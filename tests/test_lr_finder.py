@@ -236,7 +236,7 @@ def test_non_classification_output_is_rejected(out):
     loader = [(torch.zeros(4, 5), torch.zeros(4, dtype=torch.long))]
     if out == 3:
         model = nn.Sequential(model, nn.Flatten(0))  # (B·K,) vector: no class dimension
-    with pytest.raises(ValueError, match="classification logits"):
+    with pytest.raises(ValueError, match=r"not logits of shape \(B, K\)"):
         find_lr(model, torch.optim.SGD(model.parameters(), lr=0.1), loader)
 
 

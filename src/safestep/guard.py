@@ -7,7 +7,6 @@ and calls ``prepare_batch`` then ``safe_step`` — the whole guarded step.
 from __future__ import annotations
 
 import contextlib
-import math
 import sys
 import time
 import warnings
@@ -19,10 +18,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .bounds import IGNORE_INDEX, Aggregate, BoundSpec, Min, Bound
-from .collectives import Reducer, make_reducer
-from .layout import capture_module, is_sharded, local_tensor, probe_module
-from .probe import (DEFAULT_PROBE_SIZE, CallArgs, InputCapture, Inputs, Probe, ProbeSize, as_batch, batch_size,
+from .bounds import IGNORE_INDEX, Aggregate, BoundSpec
+from .collectives import make_reducer
+from .layout import capture_module, is_sharded, probe_module
+from .probe import (DEFAULT_PROBE_SIZE, CallArgs, InputCapture, Inputs, ProbeSize, as_batch, batch_size,
                     extract_logits, make_probe, row_scores)
 from .step import MODES, RunState, StepConfig, StepTarget, prepare_batch, safe_step
 from .telemetry import History, ReportSink, StepReport

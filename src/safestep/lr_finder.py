@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .bounds import Aggregate, BoundSpec
 from .guard import SafeStep
-from .probe import Inputs, LogitsFn, default_logits_fn
+from .probe import Inputs, LogitsFn, ProbeSize, default_logits_fn
 
 __all__ = ["LRStep", "LRRound", "LRFinderResult", "find_lr", "cross_entropy"]
 
@@ -191,7 +191,7 @@ def find_lr(
     logits_fn: LogitsFn | None = None,
     bound: BoundSpec = "ghost",
     method: str = "auto",
-    probe_size: int | None = None,
+    probe_size: ProbeSize = None,
     aggregate: Aggregate | None = None,
     seed: int = 0,
     progress: Progress | None = None,
@@ -207,7 +207,10 @@ def find_lr(
     Batches are ``(inputs, labels)`` pairs unless ``inputs_fn(batch) -> (inputs, labels)`` says otherwise;
     ``logits_fn(model, inputs)`` returns the logits (default: ``model(inputs)`` or its ``.logits``);
     ``loss_fn(logits, labels)`` is the training loss (default: cross-entropy). ``bound``, ``method``,
-    ``probe_size`` and ``aggregate`` are SafeStep's (default: the ghost bound π/Δ_a over every batch row).
+    ``probe_size`` and ``aggregate`` are SafeStep's. The probe's default differs from SafeStep's on purpose:
+    the finder runs once, so it certifies every batch row (``probe_size=None``) instead of SafeStep's
+    per-step budget of 1/8 of the rows, which on language models can overstate the batch's radius several-fold;
+    pass ``probe_size=DEFAULT_PROBE_SIZE`` to measure exactly what a default SafeStep would see.
     ``progress(step)`` is called with every measured LRStep.
 
     The model's parameters and buffers, the gradients, the optimizer (state and param groups) and torch's global
@@ -231,8 +234,8 @@ def find_lr(
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda):
-            guard = SafeStep(optimizer, model, mode="monitor", bound=bound, method=method,
-                             probe_size=probe_size, aggregate=aggregate, logits_fn=logits_fn, capture=False,
+            guard = SafeStep(optimizer, model, mode="monitor", bound=bound, method=method, probe_size=probe_size,
+                             probe_select="stride", aggregate=aggregate, logits_fn=logits_fn, capture=False,
                              history=1)
             return _search(run, guard, snapshot, float(lr), rounds, float(rtol), window)
     finally:

@@ -139,12 +139,13 @@ def prepare_batch(config: StepConfig, target: StepTarget, state: RunState, param
         raise ValueError("the batch is empty (0 rows): there is nothing to probe and no update to bound; skip the "
                          "step (do not call step()) for an empty batch")
     labels = None if labels is None else _checked_labels(labels, rows_in_batch, config.ignore_index, state.schema)
+    shared = shared_leaves(inputs, rows_in_batch)
     if state.schema is None:
-        state.schema = _preflight(config, target, params, inputs, labels, rows_in_batch)
+        state.schema = _preflight(config, target, params, inputs, labels, rows_in_batch, whole=bool(shared))
     elif labels is not None and labels.ndim - 1 != state.schema.row_dims - 1:
         raise ValueError(f"labels have {labels.ndim} dimension(s) but the model's logits have "
                          f"{state.schema.row_dims} row dimension(s) (one label per logits row)")
-    rows, note = _probe_rows(config, target, state, inputs, labels, scores, rows_in_batch)
+    rows, note = _probe_rows(config, target, state, inputs, labels, scores, rows_in_batch, shared)
     if rows is None:
         return Batch(inputs, labels, rows_in_batch, rows_in_batch, note)
     picked = None if labels is None else labels.index_select(0, rows.to(labels.device))
@@ -176,9 +177,9 @@ def _check_label_range(labels: Tensor, classes: int, ignore_index: int) -> None:
 
 
 def _preflight(config: StepConfig, target: StepTarget, params: Sequence[Tensor], inputs: Inputs,
-               labels: Tensor | None, rows_in_batch: int) -> Schema:
-    """First step only: the probe at θ0 on two rows learns K and checks the logits against the labels."""
-    coupled = target.probe.uses_batch_statistics()
+               labels: Tensor | None, rows_in_batch: int, whole: bool) -> Schema:
+    """First step only: the probe at θ0 on two rows (``whole``: every row) learns K and checks logits and labels."""
+    coupled = whole or target.probe.uses_batch_statistics()
     rows = torch.arange(min(_PREFLIGHT_ROWS, rows_in_batch))
     probed = inputs if coupled else take_rows(inputs, rows, rows_in_batch)
     live = [local_tensor(p).detach() for p in params]
@@ -211,14 +212,13 @@ def _row_mismatch(labels: tuple[int, ...], logits: tuple[int, ...], rows_in_batc
 
 
 def _probe_rows(config: StepConfig, target: StepTarget, state: RunState, inputs: Inputs, labels: Tensor | None,
-                scores: Tensor | None, rows_in_batch: int) -> tuple[Tensor | None, str]:
+                scores: Tensor | None, rows_in_batch: int, shared: list[str]) -> tuple[Tensor | None, str]:
     """The batch rows to probe (None: all of them) and why the choice differs from the options (or "")."""
     if target.probe.uses_batch_statistics():
         return None, ""
     count = probe_count(rows_in_batch, config.probe_size)
     if count >= rows_in_batch:
         return None, ""
-    shared = shared_leaves(inputs, rows_in_batch)
     if shared:
         return None, _once(state, "shared", f"argument(s) {', '.join(shared)} have a leading size equal to both the "
                            f"batch ({rows_in_batch}) and the sequence length, so rows cannot be told from positions: "

@@ -96,11 +96,8 @@ def rescale(live: Sequence[Tensor], step: Displacement, scale: float) -> None:
 
 def _realized(live: list[Tensor], theta0: list[Tensor], reducer: Reducer | None, sharded: bool) -> float:
     """‖θ − θ0‖ computed exactly enough (differences in float64, one tensor at a time)."""
-    squares = sum(torch.linalg.vector_norm(t.double() - t0.double()) ** 2 for t, t0 in zip(live, theta0))
-    total = torch.as_tensor(squares, dtype=torch.float64)
-    if sharded and reducer is not None:
-        total = reducer.sum(total)
-    return float(total.sqrt())
+    norms = [global_norm([t.double() - t0.double()]) for t, t0 in zip(live, theta0)]  # one float64 copy at a time
+    return float(sharded_norm(norms, reducer, sharded))
 
 
 def _measured_write(live: list[Tensor], step: Displacement, scale: float, limit: float, reducer: Reducer | None,

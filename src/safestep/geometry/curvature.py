@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
+from ..norm import global_norm
 
 from ._checks import as_float64
 
@@ -57,7 +58,7 @@ def _unit_direction(direction: Params, params: Params, reference: list[Tensor]) 
     for d, p in zip(tensors, reference):
         if d.shape != p.shape:
             raise ValueError(f"direction tensor of shape {tuple(d.shape)} does not match parameter {tuple(p.shape)}")
-    norm = math.sqrt(sum(float(d.detach().double().pow(2).sum()) for d in tensors))
+    norm = float(global_norm([d.detach() for d in tensors]))
     if not math.isfinite(norm) or norm == 0.0:
         raise ValueError(f"direction must have a finite, non-zero norm, got {norm}")
     return [(d.detach() / norm).to(p) for d, p in zip(tensors, reference)]
