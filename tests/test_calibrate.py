@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _small import small_data, small_mlp
+
 from safestep.calibrate import (
     DEFAULT_PROBE,
     Calibration,
@@ -64,9 +64,9 @@ def test_comparison_measures_the_same_update_with_the_default_probe_and_the_whol
     assert len(result.r_batch) == 4 + 2  # the compared steps and the whole-batch phase's 1 + 1 steps
 
 
-def _calibration(r_probe, comparisons=(), seconds=None, rule=Rule()):
+def _calibration(r_probe, comparisons=(), seconds=None, rule=None):
     seconds = {"plain": 1.0, "default probe": 1.5, "whole batch": 3.0} if seconds is None else seconds
-    return Calibration("by hand", tuple(r_probe), comparisons=tuple(comparisons), seconds=seconds, rule=rule)
+    return Calibration("by hand", tuple(r_probe), comparisons=tuple(comparisons), seconds=seconds, rule=rule or Rule())
 
 
 def _compared(*ratios):
@@ -117,13 +117,17 @@ def test_arguments_are_checked_before_any_step():
     for options in ({"steps": 3, "compare": 3}, {"steps": 0}, {"timing_steps": 0}, {"radii": (1.0, -1.0)}):
         with pytest.raises(ValueError):
             calibrate(target, **options)
+    assert all(p.grad is None for p in target.model.parameters())  # checked before any step
     with pytest.raises(ValueError, match="may not set r"):
         CalibrationTarget(target.model, target.optimizer, target.train_step, {"r": 2.0})
     with pytest.raises(ValueError, match="entry point must return"):
         calibrate(lambda: "not a target", steps=2, compare=0)
     with pytest.raises(ValueError, match="max_overstatement"):
         Rule(max_overstatement=0.5)
-    assert all(p.grad is None for p in target.model.parameters())  # nothing trained
+    stepping_its_own = CalibrationTarget(target.model, target.optimizer, lambda opt: target.train_step(target.optimizer))
+    with pytest.raises(ValueError, match="stepped it 0 times"):
+        calibrate(stepping_its_own, steps=2, compare=0, timing_steps=1)
+    assert not target.model._forward_pre_hooks  # released on error too
 
 
 SCRIPT = '''

@@ -10,10 +10,9 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-
 from _small import small_data, small_mlp
-from safestep import SafeStep
 
+from safestep import SafeStep
 from safestep.telemetry import (
     CallbackSink,
     CSVSink,

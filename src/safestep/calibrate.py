@@ -222,19 +222,21 @@ class Calibration:
         if not self.comparisons:
             covered = f"{self.rows_probed} of {self.rows_in_batch} rows" if self.rows_in_batch else \
                 f"{self.rows_probed} rows"
-            return DEFAULT_PROBE, False, [f"probe: not compared (the source holds one probe per step, {covered}); "
-                                          "run calibrate on a training script to compare with the whole batch"]
+            return DEFAULT_PROBE, False, [(f"probe: not compared (the source holds one probe per step, {covered}); "
+                                           "run calibrate on a training script to compare with the whole batch")]
         worst = self.max_overstatement
         cost = _ratio(self.seconds.get("whole batch"), self.seconds.get("default probe"))
         if worst > self.rule.max_overstatement:
-            return None, True, [f"probe_size=None: on a compared step the default probe's ρ was {worst:.2f}× the "
-                                f"whole batch's (> {self.rule.max_overstatement:g}×)"]
+            why = (f"probe_size=None: on a compared step the default probe's ρ was {worst:.2f}× the whole batch's "
+                   f"(> {self.rule.max_overstatement:g}×)")
+            return None, True, [why]
         if cost <= self.rule.cheap_ratio:
-            return None, True, [f"probe_size=None: the whole batch costs {cost:.2f}× the default probe per step "
-                                f"(≤ {self.rule.cheap_ratio:g}×), and certifies every row"]
-        return DEFAULT_PROBE, True, [f"probe_size={DEFAULT_PROBE!r} (the default): its ρ stayed within {worst:.2f}× "
-                                     f"of the whole batch's (≤ {self.rule.max_overstatement:g}×), at "
-                                     f"{1 / cost if cost else math.nan:.2f}× the whole batch's cost"]
+            why = (f"probe_size=None: the whole batch costs {cost:.2f}× the default probe per step "
+                   f"(≤ {self.rule.cheap_ratio:g}×), and certifies every row")
+            return None, True, [why]
+        why = (f"probe_size={DEFAULT_PROBE!r} (the default): its ρ stayed within {worst:.2f}× of the whole batch's "
+               f"(≤ {self.rule.max_overstatement:g}×), at {1 / cost if cost else math.nan:.2f}× the whole batch's cost")
+        return DEFAULT_PROBE, True, [why]
 
     def summary(self) -> str:
         """A plain-text report: quantiles, cap shares, the probe comparison, seconds per step, the recommendation."""
@@ -423,7 +425,7 @@ class _Relay(torch.optim.Optimizer):
 
     _step_supports_amp_scaling = False
 
-    def __init__(self, guard: SafeStep) -> None:  # noqa: D107 -- no Optimizer.__init__: it shares, it owns nothing
+    def __init__(self, guard: SafeStep) -> None:
         self.guard = guard
         self.param_groups = [{k: v for k, v in group.items() if not k.startswith("safestep_")}
                              for group in guard.param_groups]
@@ -468,9 +470,14 @@ class _Run:
             self.release(guard)
 
     def _step(self, optimizer: torch.optim.Optimizer, phase: str, done: int, total: int) -> float:
+        """Seconds of one ``train_step``; with a guard, checks that the step stepped it exactly once."""
+        before = optimizer.steps if isinstance(optimizer, SafeStep) else None
         start = time.perf_counter()
         self.target.train_step(optimizer)
         seconds = time.perf_counter() - start
+        if before is not None and optimizer.steps != before + 1:
+            raise ValueError(f"train_step must call optimizer.step() once on the optimizer it is given; it stepped "
+                             f"it {optimizer.steps - before} times")
         if self.progress is not None:
             self.progress(phase, done + 1, total)
         return seconds

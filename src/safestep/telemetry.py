@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import IO, Any, Protocol, Union, get_type_hints
+from typing import IO, Any, Protocol, get_type_hints
 
 __all__ = ["StepReport", "History", "ReportSink", "CSVSink", "JSONLSink", "TensorBoardSink", "json_ready",
            "DEFAULT_PREFIX", "report_metrics", "CallbackSink", "StepChoice", "read_reports"]
@@ -242,7 +242,7 @@ def report_metrics(report: StepReport, prefix: str = DEFAULT_PREFIX) -> dict[str
     }
 
 
-StepChoice = Union[str, None, Callable[[StepReport], int]]
+StepChoice = str | None | Callable[[StepReport], int]
 """What ``CallbackSink`` passes as ``step=``: "report" (the report's step), None (no step argument) or a function."""
 
 
