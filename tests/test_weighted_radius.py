@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from safestep.geometry.radius import exact_radius
-from safestep.geometry.weighted import weighted_excludes, weighted_radius
+from safestep.geometry.radius import exact_radius, min_exact_radius
+from safestep.geometry.weighted import min_weighted_radius, weighted_excludes, weighted_radius
 
 SAFE = 1 - 1e-9  # exact_radius is certified to rtol 1e-8 from above: (1 − 1e-8)·r ≤ ρ* ≤ r
 
@@ -51,7 +51,7 @@ def test_below_polynomial_roots_on_thousands_of_commensurate_rows():
     rng = np.random.default_rng(17)
     found = []
     for k in range(2, 13):
-        rows = 200
+        rows = 160
         logits = rng.standard_normal((rows, k)) * rng.uniform(0.0, 8.0, (rows, 1))
         powers = rng.integers(0, 9, (rows, k))
         flat = powers.max(axis=1) == powers.min(axis=1)
@@ -63,7 +63,7 @@ def test_below_polynomial_roots_on_thousands_of_commensurate_rows():
         assert np.all(bound >= math.pi / (g * spread_np(powers)) * (1 - 1e-12))
         found.append(bound / exact)
     ratios = np.concatenate(found)
-    assert ratios.size == 2200 and np.sum(ratios > 0.99) >= 50  # tight rows exist: a 1.01 scaling fails above
+    assert ratios.size == 1760 and np.sum(ratios > 0.99) >= 50  # tight rows exist: a 1.01 scaling fails above
 
 
 # --------------------------------------------------------------------------------------------- K = 2
@@ -133,7 +133,7 @@ def test_brute_force_no_small_modulus_inside_the_disk():
     """|F(t)| over a polar grid filling |t| ≤ R_w stays away from 0 (relative to Σ|terms|), by plain numpy."""
     logits, slopes = lm_rows(20, 64, seed=9)
     bound = weighted_radius(logits, slopes).numpy()
-    radius, angle = np.meshgrid(np.linspace(0, 1, 60), np.linspace(0, math.pi, 181))
+    radius, angle = np.meshgrid(np.linspace(0, 1, 40), np.linspace(0, math.pi, 121))
     for i in range(20):
         t = (radius * np.exp(1j * angle)).ravel() * bound[i]
         terms = softmax_np(logits[i].numpy())[None, :] * np.exp(slopes[i].numpy()[None, :] * t[:, None])
@@ -188,3 +188,37 @@ def test_excludes_agrees_with_exact_radii():
     excluded = weighted_excludes(logits, slopes, level)
     assert not bool(excluded[exact <= level].any())  # never excludes a row that binds at this level
     assert bool(excluded[bound > level * 1.01].all())  # and excludes what the bound certifies beyond it
+
+
+# ------------------------------------------------------------------------------------------ batch minima
+
+def test_min_weighted_radius_is_the_minimum_of_the_row_bounds():
+    logits, slopes = lm_rows(300, 64, seed=13)
+    rows = weighted_radius(logits, slopes)
+    value, index = min_weighted_radius(logits, slopes, chunk=64 * 37)  # several chunks
+    assert float(value) == pytest.approx(float(rows.min()), rel=2e-3)
+    assert float(rows[index]) == pytest.approx(float(value), rel=2e-3)
+    assert float(value) <= float(exact_radius(logits, slopes).min()) / SAFE
+    nan_rows = slopes.clone()
+    nan_rows[7, 3] = math.nan
+    value, index = min_weighted_radius(logits, nan_rows)
+    assert math.isnan(value) and index == 7
+
+
+def test_min_exact_radius_on_lm_rows_equals_the_minimum_of_exact_radius():
+    logits, slopes = lm_rows(160, 96, seed=14)
+    logits[::3] *= 3  # rows of different confidence, so that few rows can bind
+    exact = exact_radius(logits, slopes)
+    value, index = min_exact_radius(logits.float().double(), slopes)
+    assert float(value) == pytest.approx(float(exact.min()), rel=1e-7)
+    assert float(exact[index]) == pytest.approx(float(exact.min()), rel=1e-7)
+
+
+def test_min_exact_radius_memory_chunks_do_not_change_the_result(monkeypatch):
+    import safestep.geometry.radius as radius_module
+
+    logits, slopes = lm_rows(12, 200, seed=15)
+    expected = min_exact_radius(logits, slopes)
+    monkeypatch.setattr(radius_module, "_CHUNK_ELEMENTS", 200 * 3)  # three points per evaluation chunk
+    value, index = min_exact_radius(logits, slopes)
+    assert index == expected[1] and float(value) == pytest.approx(float(expected[0]), rel=1e-9)

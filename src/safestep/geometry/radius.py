@@ -14,12 +14,14 @@ F is always evaluated with the largest term magnitude factored out, so huge logi
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from ._checks import as_float64, class_vectors, finite_spread, live_mask, live_values, softmax_line
+from .weighted import weighted_radius
 
 __all__ = ["spread", "row_spread", "radius_lower_bound", "binary_radius", "exact_radius", "nearest_ghost",
            "min_exact_radius"]
@@ -100,35 +102,71 @@ def nearest_ghost(logits: Tensor, slopes: Tensor) -> Tensor:
 
 
 def min_exact_radius(logits: Tensor, slopes: Tensor, rtol: float = 1e-8) -> tuple[Tensor, int]:
-    """min over rows of ρ*, with the flat row index, by branch and bound on the lower bounds π/Δ_a.
+    """min over rows of ρ*, with the flat row index, by branch and bound on the certified lower bounds R_w ≤ ρ*.
 
-    Rows (all leading dims flattened) are sorted by π/Δ_a. A trial bound U starts at the smallest two-term
-    (hull-edge) ghost of the first rows. Rows with π/Δ_a ≥ U cannot beat U; the others are screened by
-    counting their zeros in |t| < U (argument principle). If none has one, U grows and the screen repeats;
-    otherwise only the rows with a zero below U are solved exactly. Returns (inf, 0) when every Δ_a = 0.
-    Masked classes (−inf logits) and invalid input are handled as in ``exact_radius``.
+    Every row (all leading dims flattened) gets R_w (``weighted_radius``, π/Δ_a ≤ R_w ≤ ρ*) in one chunked pass.
+    Rows are taken in ascending R_w: the first is solved exactly and sets the incumbent U; the next ones, _BRANCH at
+    a time, are screened by counting their zeros in |t| < U (argument principle) and only rows with a zero there are
+    solved. The search stops at the first row with R_w ≥ U, which no later row can beat. Returns (inf, 0) when every
+    Δ_a = 0. Masked classes (−inf logits) and invalid input are handled as in ``exact_radius``.
+    Memory: input checks and R_w run over chunks of rows (a few float32/float64 copies of ≤ 2^20 entries each); the
+    solver holds float64 copies of _BRANCH rows and evaluates F in chunks of ≤ _CHUNK_ELEMENTS (point × class)
+    entries, so the peak extra memory is O(2^20 + _BRANCH·K) entries (about 0.1 GB), whatever K, the number of
+    rows or the number of arc segments.
     """
-    problem = _prepare(logits, slopes, rtol)
-    lower = math.pi / problem.spread
+    _check_rtol(rtol)
+    z, a = _checked_rows(logits, slopes)
+    lower = weighted_radius(z, a, rtol=_SCREEN_RTOL).cpu()
     order = torch.argsort(lower)
     order = order[torch.isfinite(lower[order])]
-    if order.numel() == 0:
-        return torch.tensor(math.inf, dtype=torch.float64, device=problem.device), 0
-    head = order[:_FIRST_BRANCH]
-    hull = _hull_ghosts(problem.logw[head], problem.b[head])
-    estimate = torch.where(torch.isnan(hull.real), math.inf, hull.abs()).amin(dim=1) / problem.spread[head]
-    bound = max(float(estimate.min()), float(lower[order[0]]) * _BOUND_GROWTH)
-    while True:
-        rows = order[lower[order] < bound]
-        count, resolved = _upper_zero_count(problem.logw[rows], problem.b[rows], bound * problem.spread[rows])
-        rows = rows[(count > 0) | ~resolved]
-        if rows.numel():
-            break
-        bound *= _BOUND_GROWTH
-    radius, _ = _solve_normalized(problem.logw[rows], problem.b[rows], rtol)
-    radius = radius / problem.spread[rows]
-    best = int(radius.argmin())
-    return radius[best].to(problem.device), int(rows[best])
+    best, best_row = math.inf, 0
+    start, width = 0, 1  # the first row alone, to set the incumbent before screening
+    while start < order.numel():
+        rows = order[start:start + width]
+        start, width = start + width, _BRANCH
+        rows = rows[lower[rows] < best]
+        if rows.numel() == 0:
+            break  # ascending order: no later row has R_w below the incumbent either
+        problem = _prepare(z[rows.to(z.device)], a[rows.to(z.device)], rtol)
+        logw, b, gap = problem.logw, problem.b, problem.spread
+        if math.isfinite(best):
+            count, resolved = _upper_zero_count(logw, b, best * gap)
+            hit = (count > 0) | ~resolved
+            rows, logw, b, gap = rows[hit], logw[hit], b[hit], gap[hit]
+            if rows.numel() == 0:
+                continue
+        radius = _solve_normalized(logw, b, rtol)[0] / gap
+        i = int(radius.argmin())
+        if float(radius[i]) < best:
+            best, best_row = float(radius[i]), int(rows[i])
+    return torch.tensor(best, dtype=torch.float64, device=logits.device), best_row
+
+
+def _checked_rows(logits: Tensor, slopes: Tensor) -> tuple[Tensor, Tensor]:
+    """(n, K) views of logits and slopes, validated as ``softmax_line`` would, chunk by chunk of rows.
+
+    A chunk is screened in its own dtype (finite row maxima of the logits, finite slopes, a spread that fits in
+    float64); only a chunk that fails the screen (masked classes with non-finite slopes, or an error) is checked by
+    ``softmax_line``, which raises on invalid input. Unusual input (shapes, dtypes, empty) goes to it whole.
+    """
+    plain = (isinstance(logits, Tensor) and isinstance(slopes, Tensor) and logits.shape == slopes.shape
+             and logits.ndim >= 1 and logits.numel() > 0 and logits.shape[-1] >= 2
+             and logits.is_floating_point() and slopes.is_floating_point())
+    if not plain:
+        z, a, _ = softmax_line(logits, slopes)
+        return z.reshape(-1, z.shape[-1]), a.reshape(-1, a.shape[-1])
+    k = logits.shape[-1]
+    z, a = logits.detach().reshape(-1, k), slopes.detach().reshape(-1, k)
+    step = max(1, _CHUNK_ELEMENTS // k)
+    for i in range(0, len(z), step):
+        zc, ac = z[i:i + step], a[i:i + step]
+        fine = bool(torch.isfinite(zc.amax(dim=-1)).all()) and bool(torch.isfinite(ac).all())
+        if fine:
+            low, high = torch.aminmax(ac, dim=-1)
+            fine = bool(torch.isfinite(high.to(torch.float64) - low.to(torch.float64)).all())
+        if not fine:
+            softmax_line(zc, ac)
+    return z, a
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -151,9 +189,10 @@ _FIXED_STARTS = (1.3 * math.pi * complex(math.cos(math.pi / 4), math.sin(math.pi
                  1.3 * math.pi * complex(-math.cos(math.pi / 4), math.sin(math.pi / 4)), 2j * math.pi)
 _FIRST_WIDTH = 1e-2  # relative bracket width of the first bisection fallback; shrinks ×1e-2 per round
 _LOCATE_STARTS = 3
-_FIRST_BRANCH = 32  # rows (smallest π/Δ_a first) whose two-term ghosts set the first trial bound
-_BOUND_GROWTH = 1.25
+_BRANCH = 8  # rows screened and solved together by min_exact_radius
+_SCREEN_RTOL = 1e-2  # relative precision of the R_w that orders and prunes min_exact_radius's rows
 _NAN_C = complex(math.nan, math.nan)
+_CHUNK_ELEMENTS = 1 << 20  # (point × class) entries per evaluation chunk: each float64 temporary ≤ 8 MiB
 
 
 class _Problem(NamedTuple):
@@ -208,8 +247,27 @@ def _term_parts(logw: Tensor, b: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Ten
     return mag, torch.cos(phase), torch.sin(phase), scale
 
 
-def _sample(logw: Tensor, b: Tensor, t: Tensor) -> Tensor:
-    """Scaled samples of F at points t (P,), as a (P, 6) tensor (columns _RE … _SIZE)."""
+def _by_points(fn: Callable[[Tensor, Tensor, Tensor], Tensor | tuple[Tensor, Tensor]], logw: Tensor, b: Tensor,
+               rows: Tensor, t: Tensor) -> Tensor | tuple[Tensor, Tensor]:
+    """fn(logw[rows], b[rows], t) in chunks of at most _CHUNK_ELEMENTS gathered (point × class) entries.
+
+    Every (P, K) temporary of the evaluation is bounded by the chunk, whatever the number of points P.
+    """
+    step = max(1, _CHUNK_ELEMENTS // max(1, logw.shape[-1]))
+    if rows.numel() <= step:
+        return fn(logw[rows], b[rows], t)
+    parts = [fn(logw[rows[i:i + step]], b[rows[i:i + step]], t[i:i + step]) for i in range(0, rows.numel(), step)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(column) for column in zip(*parts))  # type: ignore[return-value]
+    return torch.cat(parts)  # type: ignore[arg-type]
+
+
+def _sample(logw: Tensor, b: Tensor, rows: Tensor, t: Tensor) -> Tensor:
+    """Scaled samples of F of rows ``rows`` (P,) at points t (P,), as a (P, 6) tensor (columns _RE … _SIZE)."""
+    return _by_points(_sample_gathered, logw, b, rows, t)  # type: ignore[return-value]
+
+
+def _sample_gathered(logw: Tensor, b: Tensor, t: Tensor) -> Tensor:
     mag, cos, sin, scale = _term_parts(logw, b, t)
     slope_mag = mag * b
     return torch.stack([(mag * cos).sum(-1), (mag * sin).sum(-1), scale, slope_mag.clamp(min=0).sum(-1),
@@ -246,7 +304,7 @@ def _upper_zero_count(logw: Tensor, b: Tensor, radius: Tensor) -> tuple[Tensor, 
     first = torch.cumsum(segments + 1, 0) - (segments + 1)
     j = torch.arange(rows.numel()) - first[rows]
     phi = math.pi * j.double() / segments[rows].double()
-    samples = _sample(logw[rows], b[rows], torch.polar(radius[rows], phi))
+    samples = _sample(logw, b, rows, torch.polar(radius[rows], phi))
     left = torch.nonzero(j < segments[rows]).squeeze(-1)
     seg_row, phi_l, phi_r = rows[left], phi[left], phi[left + 1]
     s_l, s_r = samples[left], samples[left + 1]
@@ -286,7 +344,7 @@ def _split(logw: Tensor, b: Tensor, radius: Tensor, seg_row: Tensor, phi_l: Tens
     first_new = torch.cumsum(pieces - 1, 0) - (pieces - 1)
     offset = (torch.arange(owner.numel()) - first_new[owner] + 1).double()
     phi_new = phi_l[owner] + (phi_r - phi_l)[owner] * offset / pieces[owner].double()
-    s_new = _sample(logw[seg_row[owner]], b[seg_row[owner]], torch.polar(radius[seg_row[owner]], phi_new))
+    s_new = _sample(logw, b, seg_row[owner], torch.polar(radius[seg_row[owner]], phi_new))
     pool, phi_pool = torch.cat([s_l, s_r, s_new]), torch.cat([phi_l, phi_r, phi_new])
 
     def node(o: Tensor, q: Tensor) -> Tensor:  # pool index of node q (0..pieces) of segment o
@@ -299,13 +357,13 @@ def _split(logw: Tensor, b: Tensor, radius: Tensor, seg_row: Tensor, phi_l: Tens
     return seg_row[seg_owner], phi_pool[lo_idx], phi_pool[hi_idx], pool[lo_idx], pool[hi_idx]
 
 
-def _newton(logw: Tensor, b: Tensor, t: Tensor) -> Tensor:
-    """Damped Newton on F from starts t (P,), folded into Im t > 0; NaN where it did not converge."""
+def _newton(logw: Tensor, b: Tensor, owner: Tensor, t: Tensor) -> Tensor:
+    """Damped Newton on F of rows ``owner`` (P,) from starts t (P,), folded into Im t > 0; NaN where it did not converge."""
     t = t.clone()
     residual = torch.full(t.shape, math.inf, dtype=torch.float64)
     active = torch.arange(t.numel())
     for _ in range(_NEWTON_STEPS):
-        step, residual[active] = _newton_step(logw[active], b[active], t[active])
+        step, residual[active] = _by_points(_newton_step, logw, b, owner[active], t[active])
         length = step.abs()
         step = torch.where(length > _NEWTON_MAX_STEP, step * (_NEWTON_MAX_STEP / length), step)
         moved = t[active] - step
@@ -326,7 +384,7 @@ def _nearest(z: Tensor) -> Tensor:
 def _newton_from(logw: Tensor, b: Tensor, starts: Tensor) -> Tensor:
     """Nearest zero per row found by Newton from starts (n, S)."""
     s = starts.shape[1]
-    z = _newton(logw.repeat_interleave(s, 0), b.repeat_interleave(s, 0), starts.reshape(-1))
+    z = _newton(logw, b, torch.arange(len(logw)).repeat_interleave(s), starts.reshape(-1))
     return _nearest(z.reshape(-1, s))
 
 
@@ -372,7 +430,7 @@ def _locate(logw: Tensor, b: Tensor, radius: Tensor) -> Tensor:
     m = int(math.ceil(8 * float(radius.max()))) + 64
     phi = torch.linspace(0, math.pi, m + 2, dtype=torch.float64)[1:-1]
     t = torch.polar(radius[:, None].expand(n, m), phi.expand(n, m))
-    samples = _sample(logw.repeat_interleave(m, 0), b.repeat_interleave(m, 0), t.reshape(-1))
+    samples = _sample(logw, b, torch.arange(n).repeat_interleave(m), t.reshape(-1))
     rel = (torch.hypot(samples[:, _RE], samples[:, _IM]) / samples[:, _SIZE]).reshape(n, m)
     padded = torch.nn.functional.pad(rel, (1, 1), value=math.inf)
     is_min = (rel <= padded[:, :-2]) & (rel <= padded[:, 2:])

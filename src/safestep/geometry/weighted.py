@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["weighted_radius", "weighted_excludes"]
+__all__ = ["weighted_radius", "min_weighted_radius", "weighted_excludes"]
 
 _TABLE_STEP = 1.0 / 32  # s spacing of the tabulated lower bound on m(s)
 _TABLE_END = 64.0  # beyond it m(s) ≥ −exp(√(s² − π²/4))
@@ -30,9 +30,11 @@ _THETA_CELLS = 4096  # angular cells per half circle when tabulating m
 _WIDEN = 1e-3  # bucket intervals are widened by this many bucket widths: covers rounding of the bucket index
 _MAX_DOUBLINGS = 64
 _EXP_ULPS = 8  # allowance (in units of the work dtype's unit roundoff) for exp and the logit subtraction
-_DEFAULT_BUCKETS = 128
+_MAX_BUCKETS = 128  # default bucket count: min(_MAX_BUCKETS, max(16, K // 4))
 _DEFAULT_RTOL = 1e-3
 _DEFAULT_CHUNK = 1 << 18  # elements of (rows × K) per chunk of the histogram pass
+_ROW_BLOCK = 4096  # rows bisected together (the per-row state is O(buckets))
+_COARSE_RTOL = 0.25  # bracket width of the first pass of min_weighted_radius
 
 
 @lru_cache(maxsize=8)
@@ -56,35 +58,37 @@ def _kernel_table(device: torch.device) -> Tensor:
     return table.to(device)
 
 
-def _kernel_lower(s: Tensor) -> Tensor:
-    """A lower bound on m(s) = min_{|ζ| ≤ s} Re e^ζ for s ≥ 0, non-increasing in s (float64, same shape)."""
-    table = _kernel_table(s.device)
-    index = torch.ceil(s * ((1.0 + 1e-12) / _TABLE_STEP)).clamp_(max=table.numel() - 1).long()
-    value = table[index]
-    far = s > _TABLE_END
+def _kernel_lower(steps: Tensor) -> Tensor:
+    """A lower bound on m(s) = min_{|ζ| ≤ s} Re e^ζ at s = steps·_TABLE_STEP ≥ 0, non-increasing in s (float64)."""
+    table = _kernel_table(steps.device)
+    last = table.numel() - 1
+    value = torch.take(table, torch.ceil(steps).clamp_(max=last).long())
+    far = steps > last
     if bool(far.any()):  # m(s) ≥ −e^{s·cos θ} where cos(s sin θ) < 0 needs s·sin θ > π/2
+        s = steps * _TABLE_STEP
         value = torch.where(far, -torch.exp(torch.sqrt((s * s - math.pi**2 / 4).clamp(min=0.0))), value)
     return value
 
 
 class _Rows(NamedTuple):
-    """One chunk of rows reduced to slope buckets: everything the certificate needs, O(buckets) per row."""
+    """A block of rows reduced to slope buckets: everything the certificate needs, O(buckets) per row."""
 
     weights: Tensor  # (r, nb) float64: Σ of e^{z_k − max z} over the classes in each bucket (as computed)
-    reach: Tensor  # (r, C, nb) float64: per centre, an upper bound on |a_k − d|/Δ_a over each bucket's classes
+    reach: Tensor  # (r, C, nb) float64: per centre, an upper bound on |a_k − d|/Δ_a over each bucket's classes,
+    # in units of _TABLE_STEP and enlarged by a relative 1e-12 (covers the rounding of x/Δ_a, Δ_a and the product)
     spread: Tensor  # (r,) float64 Δ_a over live classes (NaN where the row is invalid)
     floor: Tensor  # (r,) float64 normalized radius known by theorem: π, or the exact binary radius
     eps: float  # relative error bound of the bucket sums
-    slack: float  # absolute error bound from exp underflow, per unit of max |m|
+    slack: float  # absolute error bound of each class weight from exp underflow, times K
 
 
-def _reduce(z: Tensor, a: Tensor, buckets: int, masked: bool | None) -> _Rows:
-    """The histogram pass over a chunk (r, K) of logits and slopes in their work dtype (float32 or float64)."""
+def _histogram(z: Tensor, a: Tensor, buckets: int, masked: bool | None) -> tuple[Tensor, Tensor, Tensor]:
+    """The pass over a chunk (r, K) of logits and slopes in their work dtype: (bucket weights, Δ_a, floor)."""
     r, k = z.shape
     work = z.dtype
     binary = None
-    dead = torch.isneginf(z) if masked is not False else None
-    if dead is not None and (masked is True or bool(dead.any())):
+    if masked is True or (masked is None and bool((z.amin(dim=-1) == -math.inf).any())):
+        dead = torch.isneginf(z)
         top = z.argmax(dim=-1, keepdim=True)
         a = torch.where(dead, a.gather(-1, top), a)  # masked classes take the top class's slope: Δ_a over live
         live = k - dead.sum(dim=-1)
@@ -92,7 +96,7 @@ def _reduce(z: Tensor, a: Tensor, buckets: int, masked: bool | None) -> _Rows:
             binary = live == 2
     elif k == 2:
         binary = torch.ones(r, dtype=torch.bool, device=z.device)
-    lo, hi = torch.aminmax(a, dim=-1)
+    lo, hi = a.amin(dim=-1), a.amax(dim=-1)  # (two reductions are much faster than aminmax on CPU)
     zmax = z.amax(dim=-1)
     spread = hi.to(torch.float64) - lo.to(torch.float64)
     valid = torch.isfinite(spread) & torch.isfinite(zmax)
@@ -104,60 +108,77 @@ def _reduce(z: Tensor, a: Tensor, buckets: int, masked: bool | None) -> _Rows:
     scale = torch.where(spread > 0, buckets / spread, 0.0).to(work)[:, None]
     position = torch.addcmul(-lo[:, None] * scale, a, scale).clamp_(max=buckets - 1)
     weights = torch.zeros(r, buckets, dtype=work, device=z.device).scatter_add_(1, position.long(), w)
-    weights = weights.to(torch.float64)
-
-    edges = torch.arange(buckets + 1, dtype=torch.float64, device=z.device) / buckets - 0.5  # normalized slopes
-    middle = 0.5 * (edges[:-1] + edges[1:])
-    total = weights.sum(dim=-1, keepdim=True)
-    heaviest = middle[weights.argmax(dim=-1)]
-    mean = (weights * middle).sum(dim=-1) / total.squeeze(-1)
-    centres = torch.stack([torch.zeros_like(mean), heaviest, mean], dim=1)[:, :, None]  # (r, C, 1)
-    reach = torch.maximum((edges[:-1] - centres).abs(), (edges[1:] - centres).abs()) + _WIDEN / buckets
-    reach = torch.where(weights[:, None, :] > 0, reach, 0.0)
-
     floor = torch.full((r,), math.pi, dtype=torch.float64, device=z.device)
     if binary is not None and bool(binary.any()):
         pair = torch.topk(z, 2, dim=-1).values.to(torch.float64)
         delta = pair[:, 0] - pair[:, 1]
         floor = torch.where(binary, torch.sqrt(delta * delta + math.pi**2), floor)
-    unit = torch.finfo(work).eps / 2
-    eps = (k + _EXP_ULPS + 88) * unit + 1e-12  # summation of ≤ K terms, exp, and |z − max z| ≤ 88 before underflow
-    slack = k * torch.finfo(work).tiny
-    nan = torch.full_like(spread, math.nan)
-    return _Rows(weights, reach, torch.where(valid, spread, nan), floor, eps, slack)
+    return weights.to(torch.float64), torch.where(valid, spread, math.nan), floor
+
+
+def _block(z: Tensor, a: Tensor, buckets: int | None, masked: bool | None, chunk: int) -> _Rows:
+    """Rows z, a (n, K) of one block, reduced chunk by chunk (≤ ``chunk`` elements each) and prepared together."""
+    k = z.shape[1]
+    buckets = min(_MAX_BUCKETS, max(16, k // 4)) if buckets is None else int(buckets)
+    if buckets < 1:
+        raise ValueError(f"buckets must be a positive int, got {buckets}")
+    work = torch.float64 if torch.float64 in (z.dtype, a.dtype) else torch.float32
+    step = max(1, chunk // k)
+    parts = [_histogram(z[i:i + step].to(work), a[i:i + step].to(work), buckets, masked) for i in range(0, len(z), step)]
+    weights, spread, floor = (torch.cat(column) for column in zip(*parts))
+    edges = torch.arange(buckets + 1, dtype=torch.float64, device=weights.device) / buckets - 0.5  # normalized slopes
+    middle = 0.5 * (edges[:-1] + edges[1:])
+    total = weights.sum(dim=-1, keepdim=True)
+    heaviest = middle[weights.argmax(dim=-1)]
+    mean = (weights * middle).sum(dim=-1) / total.squeeze(-1)
+    centres = torch.stack([heaviest, mean], dim=1)[:, :, None]  # (r, C, 1); the midpoint's π/Δ_a is the floor
+    reach = torch.maximum((edges[:-1] - centres).abs(), (edges[1:] - centres).abs()) + _WIDEN / buckets
+    reach = torch.where(weights[:, None, :] > 0, reach * ((1 + 1e-12) / _TABLE_STEP), 0.0)
+    info = torch.finfo(work)
+    # summation of ≤ K terms, exp, and the rounding of z − max z (|z − max z| ≤ −log tiny + 1 before underflow)
+    eps = (k + _EXP_ULPS - math.log(info.tiny) + 1) * info.eps / 2 + 1e-12
+    return _Rows(weights, reach, spread, floor, eps, k * info.tiny)
 
 
 def _certifies(rows: _Rows, x: Tensor) -> Tensor:
-    """(r,) bool: some centre proves G > 0, i.e. no zero of F in the closed disk |t| ≤ x/Δ_a (x normalized)."""
-    value = _kernel_lower(rows.reach * (x * (1 + 1e-12))[:, None, None])  # covers rounding of x/Δ_a and Δ_a
-    weighted = rows.weights[:, None, :] * value
-    positive = weighted.clamp(min=0).sum(dim=-1)
-    negative = (-weighted).clamp(min=0).sum(dim=-1)
-    worst = value.abs().amax(dim=-1)
-    proof = positive * (1 - rows.eps) > negative * (1 + 2 * rows.eps) + rows.slack * (1 + worst)
+    """(r,) bool: some centre proves G > 0, i.e. no zero of F in the closed disk |t| ≤ x/Δ_a (x normalized).
+
+    With W̃_j the computed bucket sums (|W̃_j − W_j| ≤ ε·W_j plus underflow) and v_j ≤ m(s_j): the proof is
+    Σ⁺ W̃_j v_j·(1 − ε) > Σ⁻ W̃_j |v_j|·(1 + 2ε) + K·tiny·(1 + e^{1.01·x}), where |m(s)| ≤ e^s and every
+    class's reach is ≤ 1.01 (normalized), so the last term bounds what underflowed weights could subtract.
+    """
+    terms = rows.weights[:, None, :] * _kernel_lower(rows.reach * x[:, None, None])
+    positive = terms.clamp(min=0).sum(dim=-1)
+    negative = positive - terms.sum(dim=-1)
+    slack = rows.slack * (1 + torch.exp(1.01 * x))[:, None]
+    proof = positive * (1 - rows.eps) > negative * (1 + 2 * rows.eps) + slack
     return proof.any(dim=-1)
 
 
-def _bisect(rows: _Rows, rtol: float) -> Tensor:
-    """The largest certified normalized radius x (to relative rtol, from below), never below ``rows.floor``."""
-    lo = rows.floor.clone()
-    hi = 2 * lo
-    todo = torch.arange(lo.numel(), device=lo.device)
-    for _ in range(_MAX_DOUBLINGS):
-        ok = _certifies(_take(rows, todo), hi[todo])
-        if not bool(ok.any()):
-            break
-        grow = todo[ok]
-        lo[grow], hi[grow] = hi[grow], 2 * hi[grow]
-        todo = grow
-    todo = torch.arange(lo.numel(), device=lo.device)
-    while todo.numel():
-        mid = torch.sqrt(lo[todo] * hi[todo])
-        ok = _certifies(_take(rows, todo), mid)
-        lo[todo[ok]] = torch.maximum(lo[todo[ok]], mid[ok])
-        hi[todo[~ok]] = mid[~ok]
-        todo = todo[hi[todo] > lo[todo] * (1 + rtol)]
-    return lo
+def _bisect(rows: _Rows, rtol: float, bracket: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    """(lo, hi): lo the largest certified normalized radius found (never below ``rows.floor``), hi ≤ lo·(1 + rtol)
+    a radius the certificate rejects (or lo's first doubling that it rejects).
+
+    Without a ``bracket``, doubling from 2·floor brackets every row within a factor 2; then a fixed number of
+    geometric bisection steps (the same for all rows: no gathers) shrinks each bracket to relative width rtol.
+    """
+    if bracket is None:
+        lo = rows.floor.clone()
+        hi = 2 * lo
+        for _ in range(_MAX_DOUBLINGS):
+            ok = _certifies(rows, hi)
+            if not bool(ok.any()):
+                break
+            lo, hi = torch.where(ok, hi, lo), torch.where(ok, 2 * hi, hi)
+    else:
+        lo, hi = bracket
+    width = float((hi / lo).amax()) if lo.numel() else 1.0
+    steps = math.ceil(math.log2(math.log(width) / math.log1p(rtol))) if width > 1 + rtol else 0
+    for _ in range(steps):
+        mid = torch.sqrt(lo * hi)
+        ok = _certifies(rows, mid)
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    return lo, hi
 
 
 def _take(rows: _Rows, index: Tensor) -> _Rows:
@@ -172,12 +193,8 @@ def _flat(logits: Tensor, slopes: Tensor) -> tuple[Tensor, Tensor]:
     return logits.reshape(-1, k), slopes.reshape(-1, k)
 
 
-def _work(x: Tensor) -> Tensor:
-    return x if x.dtype in (torch.float32, torch.float64) else x.to(torch.float32)
-
-
-def _chunks(n: int, k: int, chunk: int) -> range:
-    return range(0, n, max(1, chunk // k))
+def _blocks(n: int) -> range:
+    return range(0, n, _ROW_BLOCK)
 
 
 def _finish(x: Tensor, spread: Tensor) -> Tensor:
@@ -186,7 +203,7 @@ def _finish(x: Tensor, spread: Tensor) -> Tensor:
                        torch.where(spread == 0, math.inf, math.nan))
 
 
-def weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None = None, buckets: int = _DEFAULT_BUCKETS,
+def weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None = None, buckets: int | None = None,
                     rtol: float = _DEFAULT_RTOL, chunk: int = _DEFAULT_CHUNK) -> Tensor:
     """R_w ≤ ρ*: the largest R with Σ_k softmax(z)_k·m(|a_k − d|R) > 0 for some centre d, m(s) = min_{|ζ|≤s} Re e^ζ.
 
@@ -205,29 +222,61 @@ def weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None = Non
     O(rows × buckets)) and O(buckets) per row per bisection step; no per-row Python.
     """
     z_all, a_all = _flat(logits, slopes)
-    n, k = z_all.shape
-    result = torch.empty(n, dtype=torch.float64, device=logits.device)
-    for start in _chunks(n, k, chunk):
-        stop = min(n, start + max(1, chunk // k))
-        rows = _reduce(_work(z_all[start:stop]), _work(a_all[start:stop]), buckets, masked)
-        result[start:stop] = _finish(_bisect(rows, rtol), rows.spread)
+    result = torch.empty(len(z_all), dtype=torch.float64, device=logits.device)
+    for start in _blocks(len(z_all)):
+        rows = _block(z_all[start:start + _ROW_BLOCK], a_all[start:start + _ROW_BLOCK], buckets, masked, chunk)
+        result[start:start + _ROW_BLOCK] = _finish(_bisect(rows, rtol)[0], rows.spread)
     return result.reshape(logits.shape[:-1])
 
 
+def min_weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None = None,
+                        buckets: int | None = None, rtol: float = _DEFAULT_RTOL,
+                        chunk: int = _DEFAULT_CHUNK) -> tuple[Tensor, int]:
+    """(min over rows of ``weighted_radius``, its flat row index); certified: the minimum is ≤ min_n ρ*_n.
+
+    Every row is bracketed coarsely (relative width _COARSE_RTOL); only rows whose certified lower end lies below
+    the smallest upper end can hold the minimum, and only they are refined to ``rtol``. The value equals
+    ``weighted_radius(...).min()`` up to the bisection's rtol. NaN (and that row) if some row is invalid; (inf, 0)
+    when every Δ_a = 0. Memory as ``weighted_radius``, plus O(buckets) per kept row.
+    """
+    z_all, a_all = _flat(logits, slopes)
+    kept: list[tuple[_Rows, Tensor, Tensor, Tensor]] = []
+    ceiling = math.inf
+    for start in _blocks(len(z_all)):
+        rows = _block(z_all[start:start + _ROW_BLOCK], a_all[start:start + _ROW_BLOCK], buckets, masked, chunk)
+        invalid = torch.isnan(rows.spread)
+        if bool(invalid.any()):
+            return torch.tensor(math.nan, dtype=torch.float64, device=logits.device), start + int(invalid.nonzero()[0])
+        lo, hi = _bisect(rows, _COARSE_RTOL)
+        upper = _finish(hi, rows.spread)
+        ceiling = min(ceiling, float(upper.min()))
+        index = torch.nonzero(_finish(lo, rows.spread) < ceiling).squeeze(-1)
+        kept.append((_take(rows, index), lo[index], hi[index], index + start))
+    best, best_row = math.inf, 0
+    for rows, lo, hi, index in kept:
+        alive = _finish(lo, rows.spread) < ceiling
+        if not bool(alive.any()):
+            continue
+        rows, index = _take(rows, alive.nonzero().squeeze(-1)), index[alive]
+        radius = _finish(_bisect(rows, rtol, (lo[alive], hi[alive]))[0], rows.spread)
+        i = int(radius.argmin())
+        if float(radius[i]) < best:
+            best, best_row = float(radius[i]), int(index[i])
+    return torch.tensor(best, dtype=torch.float64, device=logits.device), best_row
+
+
 def weighted_excludes(logits: Tensor, slopes: Tensor, radius: float, *, masked: bool | None = None,
-                      buckets: int = _DEFAULT_BUCKETS, chunk: int = _DEFAULT_CHUNK) -> Tensor:
+                      buckets: int | None = None, chunk: int = _DEFAULT_CHUNK) -> Tensor:
     """Bool (...): True where the certificate proves ρ* > ``radius`` (no zero of F in |t| ≤ radius); one test per row.
 
     The screen of the whole-batch minimum: a row it excludes cannot have ρ* ≤ radius. Rows with Δ_a = 0 are
     excluded (ρ* = inf); invalid rows (NaN radius in ``weighted_radius``) are not.
     """
     z_all, a_all = _flat(logits, slopes)
-    n, k = z_all.shape
-    result = torch.empty(n, dtype=torch.bool, device=logits.device)
-    for start in _chunks(n, k, chunk):
-        stop = min(n, start + max(1, chunk // k))
-        rows = _reduce(_work(z_all[start:stop]), _work(a_all[start:stop]), buckets, masked)
-        x = rows.spread * radius
+    result = torch.empty(len(z_all), dtype=torch.bool, device=logits.device)
+    for start in _blocks(len(z_all)):
+        rows = _block(z_all[start:start + _ROW_BLOCK], a_all[start:start + _ROW_BLOCK], buckets, masked, chunk)
+        x = rows.spread * float(radius)
         known = (x < rows.floor) | (rows.spread == 0)
-        result[start:stop] = torch.where(torch.isnan(x), False, known | _certifies(rows, x.nan_to_num(0.0)))
+        result[start:start + _ROW_BLOCK] = torch.where(torch.isnan(x), False, known | _certifies(rows, x.nan_to_num(0.0)))
     return result.reshape(logits.shape[:-1])
