@@ -287,3 +287,15 @@ def test_callback_without_a_guard_raises(tmp_path):
     trainer.add_callback(SafeStepTrainerCallback())
     with pytest.raises(ValueError, match="no SafeStep optimizer"):
         trainer.train()
+
+
+def test_a_warmup_that_starts_at_lr_zero_sends_no_nan_to_the_trackers(tmp_path):
+    model = _gpt2(dropout=0.0)
+    trainer, _ = _trainer(model, tmp_path, steps=3, optim="adamw_torch", learning_rate=1e-3, warmup_steps=2)
+    guard = add_safestep(trainer)
+    trainer.train()
+    first = guard.history[0] if hasattr(guard.history, "__getitem__") else list(guard.history)[0]
+    assert first.tau == 0.0 and "zero update" in first.reason  # the warm-up's first LR is 0
+    guard_metrics = [value for entry in trainer.state.log_history for key, value in entry.items()
+                     if key.startswith("safestep/")]
+    assert guard_metrics and not any(isinstance(v, float) and math.isnan(v) for v in guard_metrics)
