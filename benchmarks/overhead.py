@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import gc
-import json
 import statistics
 import sys
 import time
@@ -29,6 +28,7 @@ import torch
 
 from safestep import SafeStep
 from safestep.host_reads import HostReads
+from safestep_lab.io import write_json
 from workloads import WORKLOADS, Workload, available, update_block, workload
 
 CONFIGS = ("plain", "clip", "default", "default-fd", "full-batch")
@@ -180,9 +180,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, AdamW, {warmup} warm-up + {timed} timed steps per configuration, interleaved\n")
     print(table)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"torch": torch.__version__, "warmup": warmup, "timed": timed,
-                                         "results": results}, indent=1) + "\n", encoding="utf-8")
+        write_json(args.json, {"torch": torch.__version__, "warmup": warmup, "timed": timed, "results": results})
     if args.update_readme:
         update_block(Path(__file__).resolve().parents[1] / "README.md", README_BLOCK, table)
 

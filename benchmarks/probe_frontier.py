@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import statistics
 import sys
 import time
@@ -27,7 +25,9 @@ import torch
 
 from safestep import SafeStep
 from safestep.bounds import Ghost
+from safestep.norm import global_norm
 from safestep.probe import SELECTIONS, LogitProbe, choose_rows, extract_logits, probe_count, row_scores
+from safestep_lab.io import write_json
 from workloads import Workload, available, update_block, workload
 
 BUDGETS = (1 / 16, 1 / 8, 1 / 4, 1 / 2, None)
@@ -63,7 +63,7 @@ def quality(work: Workload, steps: int, every: int) -> dict[str, dict[str, list[
         theta0 = {n: p.detach().clone() for n, p in model.named_parameters()}
         optimizer.step()
         delta = {n: p.detach() - theta0[n] for n, p in model.named_parameters()}
-        tau = math.sqrt(sum(float((d.double() ** 2).sum()) for d in delta.values()))
+        tau = float(global_norm(list(delta.values())))
         slopes = probe(theta0, {n: d / tau for n, d in delta.items()}, inputs, "jvp")
         batch = slopes.logits.shape[0]
         row_labels = labels.reshape(batch, -1)
@@ -173,9 +173,7 @@ def main() -> None:
           f"{args.every}th probed in full\n")
     print(markdown(results))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"steps": steps, "every": args.every, "threads": args.threads,
-                                         "results": results}, indent=1) + "\n", encoding="utf-8")
+        write_json(args.json, {"steps": steps, "every": args.every, "threads": args.threads, "results": results})
     if args.png:
         plot(results, args.png)
     if args.update_docs:
