@@ -151,3 +151,18 @@ def test_an_aggregate_that_conflicts_with_a_bound_object_raises(spec):
 def test_shape_mismatch_is_rejected():
     with pytest.raises(ValueError, match="shape"):
         Ghost()(_rand(3, 4), _rand(3, 5))
+
+
+def test_the_weighted_bound_lies_between_the_ghost_bound_and_the_exact_radius_row_by_row():
+    from safestep.bounds import Weighted
+
+    z, a = _rand(40, 7) * 3, _rand(40, 7, seed=1)
+    labels = torch.randint(0, 7, (40,), generator=torch.Generator().manual_seed(2))
+    ghost, weighted, exact = (b.row_radii(z, a, labels) for b in (Ghost(), Weighted(), Exact()))
+    assert bool((ghost <= weighted * (1 + 1e-12)).all()) and bool((weighted <= exact * (1 + 1e-9)).all())
+    assert float((weighted / ghost).median()) > 1.2  # it weighs classes by probability: tighter than π/Δ_a
+    binding = int(weighted.argmin())
+    assert Weighted()(z, a, labels).item() == pytest.approx(float(weighted.min()), rel=1e-6)
+    labels[binding] = -100  # the binding row leaves the loss: the minimum moves to the next row
+    assert Weighted()(z, a, labels).item() == pytest.approx(float(weighted.sort().values[1]), rel=1e-6)
+    assert make_bound("weighted") == Weighted()

@@ -11,7 +11,7 @@ from torch import nn
 from torch.func import functional_call, jvp
 
 from safestep import SafeStep
-from safestep.bounds import Belief, Exact, Ghost
+from safestep.bounds import Belief, Exact, Ghost, Weighted
 
 from _small import small_data, small_mlp
 
@@ -69,14 +69,14 @@ def _unguarded_target(model, make_opt, x, y):
 
 
 # -- ignore_index ------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("bound", ["ghost", "exact", "belief"])
+@pytest.mark.parametrize("bound", ["ghost", "weighted", "exact", "belief"])
 def test_ignored_rows_drop_out_of_every_bound(bound):
     model = _mlp()
     x, y = _data()
     make = lambda p: torch.optim.SGD(p, lr=0.05)  # noqa: E731
     theta1 = _unguarded_target(model, make, x, y)
     logits, slopes, _ = _reference(model, _snapshot(model), theta1, lambda f: f(x))
-    rule = {"ghost": Ghost(), "exact": Exact(), "belief": Belief()}[bound]
+    rule = {"ghost": Ghost(), "weighted": Weighted(), "exact": Exact(), "belief": Belief()}[bound]
     labels = y.clone()
     labels[rule.row_radii(logits, slopes, y).argsort()[:4]] = IGNORE  # ignore the rows that set the radius
     opt = SafeStep(make(model.parameters()), model, bound=bound, probe_size=None, mode="monitor")
@@ -179,7 +179,7 @@ def _adam_twin(guard, params):
     return twin
 
 
-@pytest.mark.parametrize("bound", [Exact(), Belief()])
+@pytest.mark.parametrize("bound", [Exact(), Belief(), Weighted()])
 def test_exact_and_belief_bounds_see_only_live_classes(bound):
     g = torch.Generator().manual_seed(3)
     z, a = torch.randn(5, 7, generator=g, dtype=torch.float64), torch.randn(5, 7, generator=g, dtype=torch.float64)

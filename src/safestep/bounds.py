@@ -38,6 +38,7 @@ from torch import Tensor
 
 from .geometry.radius import exact_radius, min_exact_radius, row_spread
 from .geometry.simplex import RULES, belief_radius
+from .geometry.weighted import min_weighted_radius, weighted_radius
 
 __all__ = [
     "IGNORE_INDEX",
@@ -45,6 +46,7 @@ __all__ = [
     "Bound",
     "Ghost",
     "Exact",
+    "Weighted",
     "Belief",
     "Min",
     "BOUND_NAMES",
@@ -59,7 +61,7 @@ __all__ = [
 
 IGNORE_INDEX = -100
 Aggregate = Union[str, float]
-BOUND_NAMES = ("ghost", "exact", "belief")
+BOUND_NAMES = ("ghost", "weighted", "exact", "belief")
 
 
 def check_aggregate(aggregate: Aggregate) -> Aggregate:
@@ -224,6 +226,32 @@ class Exact(_RowBound):
 
 
 @dataclass(frozen=True)
+class Weighted(_RowBound):
+    """ρ_n = R_w(n), the certified lower bound on ρ*_n that weighs classes by probability (``geometry.weighted_radius``):
+    π/Δ_a <= R_w <= ρ*, exact for two live classes; a class of tiny probability counts only once e^{|a_k − d|R} makes
+    it matter. "max" takes the whole-batch minimum by bracketing every row and refining only those that can bind."""
+
+    aggregate: Aggregate = "max"
+    name: str = "weighted"
+    accepts_nonfinite: ClassVar[bool] = True  # invalid rows give NaN radii instead of raising
+
+    def __post_init__(self) -> None:
+        check_aggregate(self.aggregate)
+
+    def min_radius(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+                   masked: bool | None = None) -> Tensor:
+        """min_n R_w(n) over the active rows (ignored rows are flat: R_w = inf)."""
+        z, a, _ = _flat_rows(logits, slopes, labels)
+        return min_weighted_radius(z, a, masked=masked)[0]
+
+    def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
+                  masked: bool | None = None) -> Tensor:
+        """R_w per row, flat; +inf for ignored rows, NaN for rows with non-finite live logits or slopes."""
+        z, a, y = _flat_rows(logits, slopes, labels)
+        return _drop_ignored(weighted_radius(z, a, masked=masked), _ignored(y))
+
+
+@dataclass(frozen=True)
 class Belief(_RowBound):
     """A belief-space rule pulled back to a step length per row, never beyond a certified radius.
 
@@ -314,6 +342,8 @@ def make_bound(spec: BoundSpec, aggregate: Aggregate | None = None) -> Bound | M
             return Ghost(chosen)
         if spec == "exact":
             return Exact(chosen)
+        if spec == "weighted":
+            return Weighted(chosen)
         if spec == "belief":
             return Belief(aggregate=chosen)
         raise ValueError(f"unknown bound {spec!r}; use one of {BOUND_NAMES}, a Bound, or a list of them")
