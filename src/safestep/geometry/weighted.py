@@ -34,6 +34,7 @@ _MAX_BUCKETS = 128  # default bucket count: min(_MAX_BUCKETS, max(16, K // 4))
 _DEFAULT_RTOL = 1e-3
 _DEFAULT_CHUNK = 1 << 18  # elements of (rows × K) per chunk of the histogram pass
 _ROW_BLOCK = 4096  # rows bisected together (the per-row state is O(buckets))
+_HEAD = 64  # rows of smallest π/Δ_a whose brackets set min_weighted_radius's first upper bound
 _COARSE_RTOL = 0.25  # bracket width of the first pass of min_weighted_radius
 
 
@@ -116,15 +117,22 @@ def _histogram(z: Tensor, a: Tensor, buckets: int, masked: bool | None) -> tuple
     return weights.to(torch.float64), torch.where(valid, spread, math.nan), floor
 
 
-def _block(z: Tensor, a: Tensor, buckets: int | None, masked: bool | None, chunk: int) -> _Rows:
-    """Rows z, a (n, K) of one block, reduced chunk by chunk (≤ ``chunk`` elements each) and prepared together."""
+def _block(z: Tensor, a: Tensor, index: Tensor, buckets: int | None, masked: bool | None, chunk: int) -> _Rows:
+    """Rows ``index`` of z, a (n, K), reduced chunk by chunk (≤ ``chunk`` elements gathered at a time), prepared
+    together."""
     k = z.shape[1]
     buckets = min(_MAX_BUCKETS, max(16, k // 4)) if buckets is None else int(buckets)
     if buckets < 1:
         raise ValueError(f"buckets must be a positive int, got {buckets}")
     work = torch.float64 if torch.float64 in (z.dtype, a.dtype) else torch.float32
     step = max(1, chunk // k)
-    parts = [_histogram(z[i:i + step].to(work), a[i:i + step].to(work), buckets, masked) for i in range(0, len(z), step)]
+    if index.numel() and int(index[-1]) - int(index[0]) + 1 == index.numel() and bool((index.diff() == 1).all()):
+        first = int(index[0])  # a contiguous run of rows: slices, no copies
+        parts = [_histogram(z[i:i + step].to(work), a[i:i + step].to(work), buckets, masked)
+                 for i in range(first, first + index.numel(), step)]
+    else:
+        parts = [_histogram(z.index_select(0, part).to(work), a.index_select(0, part).to(work), buckets, masked)
+                 for part in index.split(step)]
     weights, spread, floor = (torch.cat(column) for column in zip(*parts))
     edges = torch.arange(buckets + 1, dtype=torch.float64, device=weights.device) / buckets - 0.5  # normalized slopes
     middle = 0.5 * (edges[:-1] + edges[1:])
@@ -197,6 +205,10 @@ def _blocks(n: int) -> range:
     return range(0, n, _ROW_BLOCK)
 
 
+def _span(start: int, n: int, device: torch.device) -> Tensor:
+    return torch.arange(start, min(n, start + _ROW_BLOCK), device=device)
+
+
 def _finish(x: Tensor, spread: Tensor) -> Tensor:
     """Radius x/Δ_a: inf where Δ_a = 0, NaN where the row is invalid (spread NaN)."""
     return torch.where(spread > 0, x / spread.clamp(min=torch.finfo(torch.float64).tiny),
@@ -224,7 +236,7 @@ def weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None = Non
     z_all, a_all = _flat(logits, slopes)
     result = torch.empty(len(z_all), dtype=torch.float64, device=logits.device)
     for start in _blocks(len(z_all)):
-        rows = _block(z_all[start:start + _ROW_BLOCK], a_all[start:start + _ROW_BLOCK], buckets, masked, chunk)
+        rows = _block(z_all, a_all, _span(start, len(z_all), z_all.device), buckets, masked, chunk)
         result[start:start + _ROW_BLOCK] = _finish(_bisect(rows, rtol)[0], rows.spread)
     return result.reshape(logits.shape[:-1])
 
@@ -232,37 +244,56 @@ def weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None = Non
 def min_weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None = None,
                         buckets: int | None = None, rtol: float = _DEFAULT_RTOL,
                         chunk: int = _DEFAULT_CHUNK) -> tuple[Tensor, int]:
-    """(min over rows of ``weighted_radius``, its flat row index); certified: the minimum is ≤ min_n ρ*_n.
+    """(R, n): R ≤ min over rows of ρ*, certified, equal to min_n ``weighted_radius`` up to rtol; n a row that binds.
 
-    Every row is bracketed coarsely (relative width _COARSE_RTOL); only rows whose certified lower end lies below
-    the smallest upper end can hold the minimum, and only they are refined to ``rtol``. The value equals
-    ``weighted_radius(...).min()`` up to the bisection's rtol. NaN (and that row) if some row is invalid; (inf, 0)
-    when every Δ_a = 0. Memory as ``weighted_radius``, plus O(buckets) per kept row.
+    Branch and bound without per-row bisection: (1) π/Δ_a of every row from two reductions over its slopes (0 for
+    rows with masked classes or non-finite values, which go on to (3)); (2) the _HEAD rows of smallest π/Δ_a are
+    reduced to buckets and bracketed, the smallest upper end U bounds the minimum; (3) only rows with π/Δ_a < U are
+    reduced to buckets; (4) one bisection on the common radius R over those rows: a step where every row certifies R
+    raises the lower end, otherwise the upper end drops to R and the rows that certified R leave (they certify
+    every smaller radius). NaN (and that row) if some row is invalid; (inf, 0) when every Δ_a = 0.
     """
     z_all, a_all = _flat(logits, slopes)
-    kept: list[tuple[_Rows, Tensor, Tensor, Tensor]] = []
-    ceiling = math.inf
-    for start in _blocks(len(z_all)):
-        rows = _block(z_all[start:start + _ROW_BLOCK], a_all[start:start + _ROW_BLOCK], buckets, masked, chunk)
-        invalid = torch.isnan(rows.spread)
-        if bool(invalid.any()):
-            return torch.tensor(math.nan, dtype=torch.float64, device=logits.device), start + int(invalid.nonzero()[0])
-        lo, hi = _bisect(rows, _COARSE_RTOL)
-        upper = _finish(hi, rows.spread)
-        ceiling = min(ceiling, float(upper.min()))
-        index = torch.nonzero(_finish(lo, rows.spread) < ceiling).squeeze(-1)
-        kept.append((_take(rows, index), lo[index], hi[index], index + start))
-    best, best_row = math.inf, 0
-    for rows, lo, hi, index in kept:
-        alive = _finish(lo, rows.spread) < ceiling
-        if not bool(alive.any()):
-            continue
-        rows, index = _take(rows, alive.nonzero().squeeze(-1)), index[alive]
-        radius = _finish(_bisect(rows, rtol, (lo[alive], hi[alive]))[0], rows.spread)
-        i = int(radius.argmin())
-        if float(radius[i]) < best:
-            best, best_row = float(radius[i]), int(index[i])
-    return torch.tensor(best, dtype=torch.float64, device=logits.device), best_row
+    n, k = z_all.shape
+    step = max(1, chunk // k)
+    strip = torch.cat([_strip_bound(z_all[i:i + step], a_all[i:i + step]) for i in range(0, n, step)]).cpu()
+    order = torch.argsort(strip)
+    head = _block(z_all, a_all, order[:_HEAD].to(z_all.device), buckets, masked, chunk)
+    upper = _finish(_bisect(head, _COARSE_RTOL)[1], head.spread)
+    ceiling, best = float(upper.min()), int(order[int(upper.argmin())])
+    rest = order[_HEAD:][strip[order[_HEAD:]] < ceiling]
+    if 2 * rest.numel() > n:  # most rows go on: reduce all of them in place (head rows twice) rather than gather
+        rest = torch.arange(n)
+    parts = [head] + [_block(z_all, a_all, rest[i:i + _ROW_BLOCK].to(z_all.device), buckets, masked, chunk)
+                      for i in range(0, rest.numel(), _ROW_BLOCK)]
+    rows = _Rows(*(torch.cat(column) for column in zip(*(p[:4] for p in parts))), head.eps, head.slack)
+    index = torch.cat([order[:_HEAD], rest]).to(z_all.device)
+    invalid = torch.isnan(rows.spread)
+    if bool(invalid.any()):
+        return torch.tensor(math.nan, dtype=torch.float64, device=logits.device), int(index[invalid][0])
+    known = _finish(rows.floor, rows.spread)  # certified by theorem (inf where Δ_a = 0)
+    lo, hi = float(known.min()), ceiling
+    if not math.isfinite(lo):
+        return torch.tensor(math.inf, dtype=torch.float64, device=logits.device), 0
+    live = torch.nonzero(known < hi).squeeze(-1)
+    while hi > lo * (1 + rtol) and live.numel():
+        mid = math.sqrt(lo * hi)
+        part = _take(rows, live)
+        ok = (known[live] >= mid) | _certifies(part, part.spread * mid)
+        if bool(ok.all()):
+            lo = mid
+        else:
+            hi, live = mid, live[~ok]
+            best = int(index[live[0]])
+    return torch.tensor(lo, dtype=torch.float64, device=logits.device), best
+
+
+def _strip_bound(z: Tensor, a: Tensor) -> Tensor:
+    """π/Δ_a per row over all classes (a lower bound on R_w), or 0 where a row has a −inf, NaN or +inf logit or a
+    non-finite slope: those rows are never pruned before their buckets are built. Float64 on the input's device."""
+    spread = a.amax(dim=-1).to(torch.float64) - a.amin(dim=-1).to(torch.float64)
+    plain = torch.isfinite(spread) & torch.isfinite(z.amax(dim=-1)) & (z.amin(dim=-1) > -math.inf)
+    return torch.where(plain & (spread > 0), math.pi / spread, torch.where(plain, math.inf, 0.0))
 
 
 def weighted_excludes(logits: Tensor, slopes: Tensor, radius: float, *, masked: bool | None = None,
@@ -275,7 +306,7 @@ def weighted_excludes(logits: Tensor, slopes: Tensor, radius: float, *, masked: 
     z_all, a_all = _flat(logits, slopes)
     result = torch.empty(len(z_all), dtype=torch.bool, device=logits.device)
     for start in _blocks(len(z_all)):
-        rows = _block(z_all[start:start + _ROW_BLOCK], a_all[start:start + _ROW_BLOCK], buckets, masked, chunk)
+        rows = _block(z_all, a_all, _span(start, len(z_all), z_all.device), buckets, masked, chunk)
         x = rows.spread * float(radius)
         known = (x < rows.floor) | (rows.spread == 0)
         result[start:start + _ROW_BLOCK] = torch.where(torch.isnan(x), False, known | _certifies(rows, x.nan_to_num(0.0)))
