@@ -107,8 +107,8 @@ class SafeStep(torch.optim.Optimizer):
             if fn is not None and not callable(fn):
                 raise ValueError(f"{name} must be callable or None, got {type(fn).__name__}")
         sharded = is_sharded(probe_module(model))
-        if sharded and method == "jvp":
-            raise ValueError("method='jvp' cannot probe sharded (FSDP) parameters; use method='auto' or 'fd'")
+        if sharded and method in ("jvp", "reuse"):
+            raise ValueError(f"method={method!r} cannot probe sharded (FSDP) parameters; use method='auto' or 'fd'")
         self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
         self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
         self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
@@ -127,6 +127,7 @@ class SafeStep(torch.optim.Optimizer):
         self.last_report: StepReport | None = None
         self.watch = FreezeWatch()
         self._forward_labels: tuple[CallArgs, Tensor | None] | None = None  # labels_fn's result for the captured call
+        self._forward_logits: tuple[CallArgs, Tensor] | None = None  # its logits, kept for method="reuse" only
         for group in optimizer.param_groups:
             self._check_params(group["params"])
             self._add_group_keys(group)
@@ -257,14 +258,16 @@ class SafeStep(torch.optim.Optimizer):
                 loss = closure()
         captured, scores = self.capture.take() if self.capture is not None else (None, None)
         forward_labels, self._forward_labels = self._forward_labels, None
+        forward_logits, self._forward_logits = self._forward_logits, None
         batch = captured if inputs is None else inputs
+        reference = forward_logits[1] if forward_logits is not None and forward_logits[0] is batch else None
         params = self._trainable()
         try:
             if labels is None and self.labels_fn is not None and batch is not None:
                 labels = self._labels_for(batch, forward_labels)
             fitted = scores if scores is not None and batch is not None and scores.shape[0] == _rows(batch) else None
             self.run.steps = self.steps
-            plan = prepare_batch(self.config, self.target, self.run, params, batch, labels, fitted)
+            plan = prepare_batch(self.config, self.target, self.run, params, batch, labels, fitted, reference)
             with torch.no_grad():
                 report = safe_step(self.optimizer, params, plan, self.config, self.target, self.run, start)
             verdict = self.watch.peek(report)
@@ -273,7 +276,7 @@ class SafeStep(torch.optim.Optimizer):
         except BaseException:
             if self.capture is not None:
                 self.capture.put_back(captured, scores)  # a failed step keeps the batch: step() can be called again
-            self._forward_labels = forward_labels
+            self._forward_labels, self._forward_logits = forward_labels, forward_logits
             raise
         self._commit(report)
         return loss
@@ -302,7 +305,10 @@ class SafeStep(torch.optim.Optimizer):
                 if (p.grad is not None or self.sharded) and p.is_floating_point()]
 
     def _row_scores(self, call: CallArgs, output: object) -> Tensor | None:
-        """Row scores of a training forward (``probe.row_scores``), with ``labels_fn``'s labels kept for the step."""
+        """Row scores of a training forward (``probe.row_scores``), with ``labels_fn``'s labels (and, for
+        method="reuse", the logits themselves, by reference) kept for the step."""
+        if self.config.method == "reuse":
+            self._forward_logits = (call, extract_logits(output).detach())
         labels = None
         if self.labels_fn is not None:
             labels = self.labels_fn(as_batch(call))

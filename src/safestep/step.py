@@ -109,26 +109,31 @@ class RunState:
 @dataclass(frozen=True)
 class Batch:
     """A validated step: the probed rows of the batch, their labels (IGNORE_INDEX outside the loss), the number of
-    batch rows probed and in the batch, and why the rows differ from what the options asked for (or "")."""
+    batch rows probed and in the batch, why the rows or method differ from what the options asked for (or ""),
+    the slope estimator and, for "reuse", the training forward's logits of the probed rows."""
 
     inputs: Inputs | None
     labels: Tensor | None
     rows_probed: int
     rows_in_batch: int
     note: str = ""
+    method: str = "auto"  # the slope estimator for this batch (the config's, unless it cannot run here)
+    reference: Tensor | None = None  # z(θ0) of the probed rows from the training forward (method "reuse")
 
 
 # -- validation: before anything changes ------------------------------------------------------------------------
 def prepare_batch(config: StepConfig, target: StepTarget, state: RunState, params: Sequence[Tensor],
-                  inputs: Inputs | None, labels: Any = None, scores: Tensor | None = None) -> Batch:
+                  inputs: Inputs | None, labels: Any = None, scores: Tensor | None = None,
+                  reference: Tensor | None = None) -> Batch:
     """Check the batch and labels and choose the probe rows, with nothing changed yet (ValueError on bad input).
 
     ``labels``: one class index per logits row, batch first (``config.ignore_index`` marks rows outside the loss);
-    ``scores``: the training forward's row scores (``probe.row_scores``) for the row choice, when they fit the batch.
+    ``scores``: the training forward's row scores (``probe.row_scores``) for the row choice, when they fit the batch;
+    ``reference``: the training forward's logits of this batch (method "reuse"; without them the JVP runs).
     On the first step the probe is called once on two rows at θ0 to learn K and check the logits and labels.
     """
     if not params:
-        return Batch(None, None, 0, 0)
+        return Batch(None, None, 0, 0, method=config.method)
     if inputs is None:
         raise ValueError(
             "SafeStep.step() has no batch to probe: call the model on the training batch (with gradients "
@@ -140,16 +145,31 @@ def prepare_batch(config: StepConfig, target: StepTarget, state: RunState, param
                          "step (do not call step()) for an empty batch")
     labels = None if labels is None else _checked_labels(labels, rows_in_batch, config.ignore_index, state.schema)
     shared = shared_leaves(inputs, rows_in_batch)
+    method, reference, why = _estimator(config, state, reference, rows_in_batch)
     if state.schema is None:
-        state.schema = _preflight(config, target, params, inputs, labels, rows_in_batch, whole=bool(shared))
+        state.schema = _preflight(config, target, params, inputs, labels, rows_in_batch, whole=bool(shared),
+                                  reference=reference)
     elif labels is not None and labels.ndim - 1 != state.schema.row_dims - 1:
         raise ValueError(f"labels have {labels.ndim} dimension(s) but the model's logits have "
                          f"{state.schema.row_dims} row dimension(s) (one label per logits row)")
     rows, note = _probe_rows(config, target, state, inputs, labels, scores, rows_in_batch, shared)
+    note = "; ".join(n for n in (why, note) if n)
     if rows is None:
-        return Batch(inputs, labels, rows_in_batch, rows_in_batch, note)
+        return Batch(inputs, labels, rows_in_batch, rows_in_batch, note, method, reference)
     picked = None if labels is None else labels.index_select(0, rows.to(labels.device))
-    return Batch(take_rows(inputs, rows, rows_in_batch), picked, rows.numel(), rows_in_batch, note)
+    reference = None if reference is None else reference.index_select(0, rows.to(reference.device))
+    return Batch(take_rows(inputs, rows, rows_in_batch), picked, rows.numel(), rows_in_batch, note, method, reference)
+
+
+def _estimator(config: StepConfig, state: RunState, reference: Tensor | None,
+               rows_in_batch: int) -> tuple[str, Tensor | None, str]:
+    """(the slope estimator, the reference logits it uses, a once-note when "reuse" falls back to the JVP)."""
+    if config.method != "reuse":
+        return config.method, None, ""
+    if reference is not None and reference.ndim >= 2 and reference.shape[0] == rows_in_batch:
+        return "reuse", reference, ""
+    return "jvp", None, _once(state, "reuse", "method='reuse' has no training-forward logits for this batch (inputs= "
+                              "was passed, or capture=False): its slopes come from the JVP")
 
 
 def _checked_labels(labels: Any, rows_in_batch: int, ignore_index: int, schema: Schema | None) -> Tensor:
@@ -177,16 +197,20 @@ def _check_label_range(labels: Tensor, classes: int, ignore_index: int) -> None:
 
 
 def _preflight(config: StepConfig, target: StepTarget, params: Sequence[Tensor], inputs: Inputs,
-               labels: Tensor | None, rows_in_batch: int, whole: bool) -> Schema:
-    """First step only: the probe at θ0 on two rows (``whole``: every row) learns K and checks logits and labels."""
+               labels: Tensor | None, rows_in_batch: int, whole: bool, reference: Tensor | None = None) -> Schema:
+    """First step only: the probe at θ0 on two rows (``whole``: every row) learns K and checks logits and labels;
+    for method "reuse" the training forward's logits must be the probe's function at θ0 (no dropout, no autocast)."""
     coupled = whole or target.probe.uses_batch_statistics()
     rows = torch.arange(min(_PREFLIGHT_ROWS, rows_in_batch))
     probed = inputs if coupled else take_rows(inputs, rows, rows_in_batch)
     live = [local_tensor(p).detach() for p in params]
     one = torch.ones((), dtype=torch.float64, device=live[0].device)
+    method = "jvp" if config.method == "reuse" else config.method
     with target.quiet(), torch.no_grad():
         logits = target.probe.along(params, Displacement(live, [torch.zeros_like(t) for t in live], one, one),
-                                    probed, config.method).logits
+                                    probed, method).logits
+    if reference is not None:
+        _check_reference(reference if coupled else reference.index_select(0, rows.to(reference.device)), logits)
     if logits.shape[-1] < 2:
         raise ValueError(f"the model's logits have K = {logits.shape[-1]} class(es) in their last dimension; "
                          "cross-entropy over fewer than 2 classes is constant, there is no step to bound")
@@ -197,6 +221,15 @@ def _preflight(config: StepConfig, target: StepTarget, params: Sequence[Tensor],
         _check_label_range(labels.cpu() if labels.device.type != "cpu" else labels, logits.shape[-1],
                            config.ignore_index)
     return Schema(logits.shape[-1], logits.ndim - 1, bool(torch.isneginf(logits).any()))
+
+
+def _check_reference(reference: Tensor, logits: Tensor) -> None:
+    """Method "reuse" is sound only if the training forward computed the probe's deterministic function at θ0."""
+    scale = float(logits.detach().abs().amax().clamp(min=1.0))
+    if reference.shape != logits.shape or float((reference.to(logits.dtype) - logits).abs().amax()) > 1e-4 * scale:
+        raise ValueError("method='reuse' needs the training forward to compute the same function as the probe (no "
+                         "active dropout, no autocast, the same logits at θ0), but its logits differ from the probe's "
+                         "by more than 1e-4 of their scale: use method='auto'")
 
 
 def _row_mismatch(labels: tuple[int, ...], logits: tuple[int, ...], rows_in_batch: int) -> str:
@@ -282,7 +315,7 @@ def _measured(params: Sequence[Tensor], live: list[Tensor], theta0: list[Tensor]
     assert state.schema is not None
     step = displacement(live, theta0, target.reducer, target.sharded)
     with target.quiet(), torch.no_grad():
-        slopes = target.probe.along(params, step, batch.inputs, config.method)
+        slopes = target.probe.along(params, step, batch.inputs, batch.method, batch.reference)
     found = radius(config.bound, slopes, batch.labels, step.tau, masked=state.schema.masked, reducer=target.reducer)
     decision = read_decision(step, found, finite)  # host read 2 of 2: the apply decision
     if not decision.gradients_ok:  # the inner optimizer skipped its update on the device: nothing moved

@@ -15,10 +15,13 @@ from torch import Tensor
 
 from .inputs import Inputs
 
-__all__ = ["METHODS", "Displacement", "Slopes", "Probe", "fd_step", "central_difference", "probe_dtype",
-           "is_missing_forward_ad"]
+__all__ = ["METHODS", "Displacement", "Slopes", "Probe", "fd_step", "central_difference", "forward_difference",
+           "probe_dtype", "is_missing_forward_ad"]
 
-METHODS = ("auto", "jvp", "fd")
+METHODS = ("auto", "jvp", "fd", "reuse")
+"""Slope estimators: forward-mode AD (exact), a central difference (two forwards), "reuse" (one forward: a one-sided
+difference from the training forward's own logits; valid only where that forward is the deterministic function the
+probe evaluates), and "auto" (the JVP, central differences where an operation has no forward-mode rule)."""
 
 
 class Displacement:
@@ -63,8 +66,10 @@ class Probe(Protocol):
         """True when batch rows are coupled (train-mode batch norm), so a row subset is a different function."""
         ...
 
-    def along(self, params: Sequence[Tensor], step: Displacement, inputs: Inputs, method: str) -> Slopes:
-        """a = J_z(θ0)·Δθ/τ for the trainable tensors ``params`` (live parameters, in ``step``'s order)."""
+    def along(self, params: Sequence[Tensor], step: Displacement, inputs: Inputs, method: str,
+              reference: Tensor | None = None) -> Slopes:
+        """a = J_z(θ0)·Δθ/τ for the trainable tensors ``params`` (live parameters, in ``step``'s order);
+        ``reference``: z(θ0) from the training forward, which method "reuse" needs."""
         ...
 
 
@@ -73,20 +78,27 @@ def probe_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if torch.finfo(dtype).bits < 32 else dtype
 
 
-def fd_step(theta_norm: Tensor, dtype: torch.dtype) -> Tensor:
-    """The one finite-difference step rule: h = ε^{1/3}·max(1, ‖θ0‖), ε the machine epsilon of the probe's dtype.
+def fd_step(theta_norm: Tensor, dtype: torch.dtype, one_sided: bool = False) -> Tensor:
+    """The one finite-difference step rule: h = ε^{1/3}·max(1, ‖θ0‖) (central), ε^{1/2}·max(1, ‖θ0‖) (one-sided), ε the
+    machine epsilon of the probe's dtype.
 
-    ε^{1/3} balances the O(h²) truncation error of a central difference against its O(ε/h) rounding error; the
-    difference is always evaluated in at least float32 (``probe_dtype``), so half-precision models get a
-    float32 step instead of a bf16 one (ε^{1/3} ≈ 0.2 in bf16 is far too large).
+    ε^{1/3} balances the O(h²) truncation error of a central difference against its O(ε/h) rounding error, ε^{1/2}
+    the O(h) truncation of a one-sided one; the difference is always evaluated in at least float32
+    (``probe_dtype``), so half-precision models get a float32 step instead of a bf16 one.
     """
     eps = torch.finfo(probe_dtype(dtype)).eps
-    return eps ** (1.0 / 3.0) * torch.clamp(theta_norm.to(torch.float64), min=1.0)
+    return eps ** (0.5 if one_sided else 1.0 / 3.0) * torch.clamp(theta_norm.to(torch.float64), min=1.0)
 
 
 def central_difference(plus: Tensor, minus: Tensor, h: Tensor | float) -> Slopes:
     """The package's one difference quotient: logits (z₊ + z₋)/2 and slopes (z₊ − z₋)/2h from z± = z(θ0 ± h·v)."""
     return Slopes((plus + minus) / 2, (plus - minus) / (2 * h), "fd")
+
+
+def forward_difference(base: Tensor, plus: Tensor, h: Tensor | float) -> Slopes:
+    """The one-sided quotient of method "reuse": logits z₀ and slopes (z₊ − z₀)/h from z₊ = z(θ0 + h·v), z₀ = z(θ0)
+    (first order: its error is O(h·|d²z/dτ²|) plus rounding O(ε|z|/h))."""
+    return Slopes(base, (plus - base) / h, "reuse")
 
 
 _FORWARD_AD_PHRASES = ("forward ad", "forward-mode", "forward mode", "jvp")

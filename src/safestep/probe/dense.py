@@ -34,7 +34,8 @@ from torch.autograd import forward_ad
 from torch.nn.modules.batchnorm import _BatchNorm, _NormBase
 
 from ..norm import global_norm
-from .base import METHODS, Displacement, Slopes, central_difference, fd_step, is_missing_forward_ad, probe_dtype
+from .base import (METHODS, Displacement, Slopes, central_difference, fd_step, forward_difference,
+                   is_missing_forward_ad, probe_dtype)
 from .inputs import Inputs, LogitsFn, as_batch, default_logits_fn, describe, map_tensors
 
 __all__ = ["LogitProbe", "check_logits", "logits_of", "require_forward"]
@@ -154,8 +155,12 @@ class LogitProbe:
             raise ValueError("a tensor to probe is not a parameter of the probed model") from None
 
     # -- the two entry points ----------------------------------------------------------------------------------
-    def along(self, params: Sequence[Tensor], step: Displacement, inputs: Inputs, method: str) -> Slopes:
-        """a = J_z(θ0)·Δθ/τ; ``params`` are the live parameters (holding θ1 = θ0 + Δθ), in ``step``'s order."""
+    def along(self, params: Sequence[Tensor], step: Displacement, inputs: Inputs, method: str,
+              reference: Tensor | None = None) -> Slopes:
+        """a = J_z(θ0)·Δθ/τ; ``params`` are the live parameters (holding θ1 = θ0 + Δθ), in ``step``'s order.
+
+        Method "reuse" takes ``reference`` = z(θ0) from the training forward and runs one forward at θ0 + h·v.
+        """
         names = self.names(params)
         theta0 = dict(zip(names, step.theta0))
 
@@ -168,6 +173,13 @@ class LogitProbe:
             h = fd_step(step.theta_norm, step.theta0[0].dtype)
             return self._central_difference(fd_point, h * step.inverse_tau, h, inputs)
 
+        if method == "reuse":
+            if reference is None:
+                raise ValueError("method='reuse' needs the training forward's logits z(θ0) for these inputs")
+            h = fd_step(step.theta_norm, step.theta0[0].dtype, one_sided=True)
+            with self.deterministic(), torch.no_grad():
+                plus = self._logits(fd_point(h * step.inverse_tau), inputs)
+            return forward_difference(reference.detach().to(plus.dtype), plus, h)
         return self._measure(theta0, dict(zip(names, step.delta)), step.inverse_tau, finite_difference, inputs, method)
 
     def __call__(self, params: TensorDict, direction: TensorDict, inputs: Inputs, method: str = "auto") -> Slopes:
@@ -197,8 +209,8 @@ class LogitProbe:
     # -- estimators ---------------------------------------------------------------------------------------------
     def _measure(self, theta: TensorDict, tangent: TensorDict, tangent_scale: Tensor | float,
                  finite_difference: Callable[[], Slopes], inputs: Inputs, method: str) -> Slopes:
-        if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if method not in METHODS or method == "reuse":
+            raise ValueError(f"method must be one of {METHODS[:3]} here, got {method!r}")
         with self.deterministic(), torch.no_grad():
             if method == "fd" or (method == "auto" and self.fallback):
                 return finite_difference()

@@ -34,10 +34,11 @@ class ShardedProbe:
         """True when a batch norm normalizes with batch statistics (the batch rows are then coupled)."""
         return self._modes.uses_batch_statistics()
 
-    def along(self, params: Sequence[Tensor], step: Displacement, inputs: Inputs, method: str) -> Slopes:
+    def along(self, params: Sequence[Tensor], step: Displacement, inputs: Inputs, method: str,
+              reference: Tensor | None = None) -> Slopes:
         """(z(θ0 + hv) − z(θ0 − hv))/2h through the model; the local shards end as they began."""
-        if method == "jvp":
-            raise ValueError("method='jvp' cannot probe sharded (FSDP) parameters; use method='auto' or 'fd'")
+        if method in ("jvp", "reuse"):
+            raise ValueError(f"method={method!r} cannot probe sharded (FSDP) parameters; use method='auto' or 'fd'")
         shards = [local_tensor(p).detach() for p in params]
         saved = [t.clone() for t in shards]
         buffers = [(b, b.clone()) for b in self.model.buffers()]
