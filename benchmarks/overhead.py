@@ -1,8 +1,9 @@
 """Cost of a SafeStep-guarded training step relative to a plain one, measured in one run on this machine.
 
 For every workload (benchmarks/workloads.py) identical copies run each configuration — plain, clip_grad_norm_(1.0),
-SafeStep with its defaults, the same with finite differences (method="fd"), and SafeStep with a full-batch
-certificate (probe_size=None) — interleaved step by
+SafeStep with its defaults, the same with finite differences (method="fd"), SafeStep over the whole batch
+(probe_size=None) with the JVP, and over the whole batch with method="reuse" (one forward against the training
+forward's logits) for the ghost and the weighted bound — interleaved step by
 step in a rotating order, so machine noise hits all of them alike. Per configuration: the median step time and
 its ratio to plain; for the two SafeStep configurations also the extra peak memory of the optimizer step (the
 torch profiler's allocator events replayed in time order, guarded minus plain) and the host reads per step made
@@ -31,9 +32,11 @@ from safestep.host_reads import HostReads
 from safestep_lab.io import write_json
 from workloads import WORKLOADS, Workload, available, update_block, workload
 
-CONFIGS = ("plain", "clip", "default", "default-fd", "full-batch")
-GUARDED = ("default", "default-fd", "full-batch")
-OPTIONS = {"default": {}, "default-fd": {"method": "fd"}, "full-batch": {"probe_size": None}}
+CONFIGS = ("plain", "clip", "default", "default-fd", "full-batch", "full-reuse", "full-weighted-reuse")
+GUARDED = CONFIGS[2:]
+OPTIONS = {"default": {}, "default-fd": {"method": "fd"}, "full-batch": {"probe_size": None},
+           "full-reuse": {"probe_size": None, "method": "reuse"},
+           "full-weighted-reuse": {"probe_size": None, "method": "reuse", "bound": "weighted"}}
 QUICK_MODELS = ("mlp", "row-transformer", "cnn-48-96")
 README_BLOCK = "overhead-table"  # the generated block's marker name
 
@@ -137,17 +140,20 @@ def _mib(n: int) -> str:
 
 def markdown(results: dict[str, list[dict]]) -> str:
     """The README table: one row per (threads, model)."""
-    lines = ["| threads | model | plain step | clip | SafeStep default | default, method=\"fd\" | full-batch certificate | "
-             "default probes | extra peak memory (default / full) | param size | host reads per step |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| threads | model | plain step | clip | SafeStep default | default, method=\"fd\" | whole batch, JVP | "
+             "whole batch, reuse | whole batch, weighted + reuse | default probes | extra peak memory (default / whole "
+             "batch JVP / reuse) | param size | host reads per step (default / weighted) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for threads, rows in results.items():
         for row in rows:
             ratio, extra = row["ratio"], row["extra_peak_bytes"]
             lines.append(
                 f"| {threads} | {row['model']} | {row['plain_ms']:.1f} ms | {ratio['clip']:.2f}x | "
-                f"**{ratio['default']:.2f}x** | {ratio['default-fd']:.2f}x | {ratio['full-batch']:.2f}x | {row['default_probe']} | "
-                f"{_mib(extra['default'])} / {_mib(extra['full-batch'])} | {_mib(row['param_bytes'])} | "
-                f"{row['host_reads']['default']:.0f} |")
+                f"**{ratio['default']:.2f}x** | {ratio['default-fd']:.2f}x | {ratio['full-batch']:.2f}x | "
+                f"{ratio['full-reuse']:.2f}x | {ratio['full-weighted-reuse']:.2f}x | {row['default_probe']} | "
+                f"{_mib(extra['default'])} / {_mib(extra['full-batch'])} / {_mib(extra['full-reuse'])} | "
+                f"{_mib(row['param_bytes'])} | {row['host_reads']['default']:.0f} / "
+                f"{row['host_reads']['full-weighted-reuse']:.0f} |")
     return "\n".join(lines)
 
 

@@ -78,7 +78,8 @@ def _gpt2(d_model: int, vocab: int, seq_len: int, description: str) -> Workload:
 
         torch.manual_seed(0)
         config = GPT2Config(n_layer=2, n_embd=d_model, n_head=4, vocab_size=vocab, n_positions=seq_len,
-                            bos_token_id=0, eos_token_id=0, attn_implementation="sdpa")
+                            bos_token_id=0, eos_token_id=0, attn_implementation="sdpa",
+                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)  # no dropout, as LMs pretrain
         return GPT2LMHeadModel(config)
 
     def batch(i: int) -> tuple[dict[str, Tensor], Tensor]:
