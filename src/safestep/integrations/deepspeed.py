@@ -1,0 +1,79 @@
+"""DeepSpeed: SafeStep as the engine's client optimizer, for the configurations where the engine steps it directly.
+
+``safestep_initialize(model=model, optimizer=torch.optim.AdamW(...), config=ds_config)`` wraps the optimizer in a
+SafeStep on ``model`` and calls ``deepspeed.initialize`` with it. The engine averages the gradients over the data
+parallel ranks, as DDP does, and calls the guard's ``step()`` once per optimizer step (after its gradient
+accumulation); the engine's forward calls ``model``, whose forward pre-hook captures the batch, and the guard's
+decisions are reduced over the default process group, so every rank applies the same scale.
+
+That holds for ZeRO stage 0 in fp32 only. Every other configuration makes the engine replace the optimizer's
+parameters before stepping it: ZeRO stages 1–3 (``DeepSpeedZeroOptimizer`` / ``DeepSpeedZeroOptimizer_Stage3``)
+flatten them into one fp32 partition per rank and group, and ``fp16`` / ``bf16`` (``FP16_Optimizer``,
+``BF16_Optimizer``) into fp32 master copies; the wrapped optimizer then steps tensors that are not the model's
+parameters, while SafeStep measures the update of the model's parameters and probes the model along it. Those
+configurations are refused before the engine is built (``zero_optimization.stage``, ``fp16.enabled``,
+``bf16.enabled``, an ``optimizer`` section), and after it if the engine wrapped the guard anyway.
+"""
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..guard import SafeStep
+
+__all__ = ["safestep_initialize", "check_config"]
+
+_PARTITIONED = ("ZeRO stage {stage} partitions the optimizer's parameters into flat fp32 shards and steps the wrapped "
+                "optimizer on those, which are not the model's parameters: SafeStep cannot measure or probe that "
+                "update. Use ZeRO stage 0 (DeepSpeed data parallelism), or FSDP2 (torch.distributed.fsdp.fully_shard, "
+                "the HF Trainer's fsdp='full_shard', OLMo-core's FSDP) for sharded training with SafeStep")
+_MASTER = ("DeepSpeed's {name} mode steps the wrapped optimizer on fp32 master copies of the parameters, not on the "
+           "model's parameters: SafeStep cannot measure or probe that update. Train in fp32 (or autocast the forward "
+           "yourself) with ZeRO stage 0, or use FSDP2 with a MixedPrecisionPolicy")
+
+
+def _load(config: Any) -> Mapping[str, Any]:
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as handle:
+            return json.load(handle)
+    return config if isinstance(config, Mapping) else {}
+
+
+def check_config(config: Any) -> None:
+    """ValueError naming the reason and the alternative when a DeepSpeed config (a dict or a JSON path) would make the
+    engine step the optimizer on tensors other than the model's parameters; None when SafeStep can be the client."""
+    config = _load(config)
+    stage = (config.get("zero_optimization") or {}).get("stage", 0)
+    if stage not in (0, "0", None):  # "auto" (HF) too: the engine would pick a partitioning stage
+        raise ValueError(_PARTITIONED.format(stage=stage))
+    for name in ("fp16", "bf16"):
+        if (config.get(name) or {}).get("enabled", False):
+            raise ValueError(_MASTER.format(name=name))
+    if config.get("optimizer"):
+        raise ValueError("the DeepSpeed config builds its own optimizer ('optimizer' section), which SafeStep cannot "
+                         "wrap: remove the section and pass the optimizer: safestep_initialize(model=model, "
+                         "optimizer=torch.optim.AdamW(model.parameters(), ...), config=...)")
+
+
+def safestep_initialize(*, model: nn.Module, optimizer: torch.optim.Optimizer, config: Any,
+                        safestep: Mapping[str, Any] | None = None, **initialize_kwargs: Any) -> tuple:
+    """``deepspeed.initialize(model=model, optimizer=SafeStep(optimizer, model, **safestep), config=config, ...)``.
+
+    Returns what ``deepspeed.initialize`` returns: ``(engine, guard, training_dataloader, lr_scheduler)``. Raises
+    ValueError (``check_config``) for ZeRO stages 1–3, fp16, bf16 and a config ``optimizer`` section, where the
+    engine would step the optimizer on partitions or master copies instead of the model's parameters.
+    """
+    check_config(config)
+    import deepspeed
+
+    guard = SafeStep(optimizer, model, **dict(safestep or {}))
+    engine, stepped, *rest = deepspeed.initialize(model=model, optimizer=guard, config=config, **initialize_kwargs)
+    if stepped is not guard:
+        raise ValueError(f"the DeepSpeed engine wrapped the guard in {type(stepped).__name__}, which steps it on "
+                         "tensors other than the model's parameters; only ZeRO stage 0 in fp32 steps it directly")
+    return (engine, guard, *rest)
