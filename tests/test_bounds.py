@@ -162,7 +162,11 @@ def test_the_weighted_bound_lies_between_the_ghost_bound_and_the_exact_radius_ro
     assert bool((ghost <= weighted * (1 + 1e-12)).all()) and bool((weighted <= exact * (1 + 1e-9)).all())
     assert float((weighted / ghost).median()) > 1.2  # it weighs classes by probability: tighter than π/Δ_a
     binding = int(weighted.argmin())
-    assert Weighted()(z, a, labels).item() == pytest.approx(float(weighted.min()), rel=1e-6)
+
+    def close_below(value, row_min):  # the whole-batch minimum: certified (never above), within its bisection's rtol
+        return row_min * (1 - 2e-3) <= value <= row_min * (1 + 1e-12)
+
+    assert close_below(Weighted()(z, a, labels).item(), float(weighted.min()))
     labels[binding] = -100  # the binding row leaves the loss: the minimum moves to the next row
-    assert Weighted()(z, a, labels).item() == pytest.approx(float(weighted.sort().values[1]), rel=1e-6)
+    assert close_below(Weighted()(z, a, labels).item(), float(weighted.sort().values[1]))
     assert make_bound("weighted") == Weighted()
