@@ -6,6 +6,10 @@ to the Trainer. Lightning wraps the optimizer in a LightningOptimizer and calls 
 and ``scaler.step(safestep)`` without one; both paths run ``on_before_optimizer_step`` after the forward and
 backward and before SafeStep bounds the update, which is where the callback hands over a fallback batch. With
 ``accumulate_grad_batches`` the guard steps (and probes the last micro-batch) once per optimizer step.
+
+Lightning Fabric needs no callback: wrap before ``fabric.setup(model, SafeStep(optimizer, model))``; Fabric's
+optimizer wrapper calls the guard's ``step()``. Under a mixed precision Fabric autocasts inside its module wrapper,
+around the guarded module, so pass ``logits_fn=fabric_logits_fn(fabric)`` for the probe to run the same way.
 """
 from __future__ import annotations
 
@@ -17,14 +21,30 @@ from torch import Tensor
 from torch.utils.hooks import RemovableHandle
 
 from ..guard import SafeStep
-from ..probe import Inputs
+from ..probe import Inputs, LogitsFn, default_logits_fn
 from . import DEFAULT_PREFIX, report_metrics, reports_after, unwrap_safestep
 
-__all__ = ["SafeStepCallback", "default_batch_to_inputs", "PROGRESS_BAR_KEYS"]
+__all__ = ["SafeStepCallback", "default_batch_to_inputs", "fabric_logits_fn", "PROGRESS_BAR_KEYS"]
 
 BatchFn = Callable[[Any], Any]
 PROGRESS_BAR_KEYS = ("r_applied", "capped")
 """The metrics shown in the progress bar: the applied step in radius units and whether the guard shortened it."""
+
+
+def fabric_logits_fn(fabric: Any, logits_fn: LogitsFn | None = None) -> LogitsFn:
+    """``logits_fn`` (default: call the module, take its logits) run under ``fabric.autocast()``.
+
+    Fabric applies its precision (autocast, and the cast of floating inputs to bf16/fp16) in ``_FabricModule``, the
+    wrapper around the module SafeStep guards: the captured inputs are already cast, and the probe's forward of
+    the bare module must run under the same autocast to see the function being trained.
+    """
+    inner = default_logits_fn if logits_fn is None else logits_fn
+
+    def logits(module: Any, inputs: Inputs) -> Tensor:
+        with fabric.autocast():
+            return inner(module, inputs)
+
+    return logits
 
 
 def default_batch_to_inputs(batch: Any) -> Inputs:
