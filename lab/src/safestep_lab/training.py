@@ -1,10 +1,12 @@
-"""A deterministic minibatch training loop for the lab; what happens after each backward is a step rule: plain,
-clipped (norm or AGC), SafeStep-guarded or gradient-direction-controlled steps, optionally monitored.
+"""The lab's one training loop (``run_steps``) and its minibatch front end for the digits experiments (``train``).
 
-One step = forward on a minibatch, cross-entropy, backward, (clip), optimizer step with the scheduled LR.
-Minibatches come from per-epoch permutations drawn from a generator seeded by ``seed``, so two runs with the
-same model initialisation, data and seed see identical batches. A non-finite training loss is recorded and ends
-the run (``diverged``). This module never prints; pass ``progress`` to observe steps.
+One step = the scheduled LR, a batch, forward, loss, backward, then a *stepper* that does the rest and returns the
+guard's ``StepReport`` if one measured the step. Steppers for the digits come from step rules: plain, clipped (norm
+or AGC), SafeStep-guarded or gradient-direction-controlled steps, optionally monitored; the language-model
+experiments pass their own (lm_common). Each step leaves a ``StepRecord`` (LR, loss, report). A non-finite training
+loss is recorded and ends the run. ``train`` draws minibatches from per-epoch permutations of a generator seeded by
+``seed``, so two runs with the same model initialisation, data and seed see identical batches. This module never
+prints; pass ``progress`` or ``after_step`` to observe steps.
 """
 from __future__ import annotations
 
@@ -22,6 +24,7 @@ from safestep.telemetry import StepReport
 from .data import Split
 
 __all__ = [
+    "Batch",
     "StepRule",
     "Stepper",
     "plain",
@@ -37,13 +40,27 @@ __all__ = [
     "constant_lr",
     "lr_spike",
     "evaluate",
+    "run_steps",
     "train",
 ]
 
 LRSchedule = Callable[[int], float]
 OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
-Stepper = Callable[[Tensor], "StepReport | None"]
-"""stepper(x): the post-backward part of a training step on batch x; returns the guard's report, if any."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One step's batch as a stepper sees it: the inputs, the labels, the training forward's logits and its loss."""
+
+    step: int
+    inputs: Tensor
+    labels: Tensor
+    logits: Tensor
+    loss: Tensor
+
+
+Stepper = Callable[[Batch], "StepReport | None"]
+"""stepper(batch): the post-backward part of a training step; returns the guard's report, if one measured it."""
 StepRule = Callable[[nn.Module, torch.optim.Optimizer], "tuple[torch.optim.Optimizer, Stepper]"]
 """rule(model, optimizer) -> (the optimizer whose LRs the schedule sets, the stepper)."""
 
@@ -181,13 +198,13 @@ def _gradient_rule(transform: Callable[[nn.Module], None] | None, monitor: Mappi
     def rule(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[torch.optim.Optimizer, Stepper]:
         stepping = _monitored(optimizer, model, monitor)
 
-        def step(inputs: Tensor) -> StepReport | None:
+        def step(batch: Batch) -> StepReport | None:
             if transform is not None:
                 transform(model)
             if monitor is None:
                 stepping.step()
                 return None
-            stepping.step(inputs=inputs)
+            stepping.step(inputs=batch.inputs)
             return stepping.last_report
 
         return stepping, step
@@ -220,8 +237,8 @@ def guarded(**options: Any) -> StepRule:
 
         guard = SafeStep(optimizer, model, **{"r": 1.0, "mode": "cap", **options})
 
-        def step(inputs: Tensor) -> StepReport | None:
-            guard.step(inputs=inputs)
+        def step(batch: Batch) -> StepReport | None:
+            guard.step(inputs=batch.inputs)
             return guard.last_report
 
         return guard, step
@@ -236,9 +253,46 @@ def gradient_direction(**options: Any) -> StepRule:
         from .baselines import GradientDirectionController
 
         controller = GradientDirectionController(model, **options)
-        return optimizer, lambda inputs: controller.step(optimizer, inputs)
+        return optimizer, lambda batch: controller.step(optimizer, batch.inputs)
 
     return rule
+
+
+def run_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    stepper: Stepper,
+    batches: Callable[[int], tuple[Tensor, Tensor]],
+    steps: int,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    lr_schedule: LRSchedule | None = None,
+    after_step: Callable[[StepRecord], None] | None = None,
+) -> list[StepRecord]:
+    """The loop: for t < steps, η ← lr_schedule(t), (x, y) ← batches(t), L = loss_fn(model(x), y), ∇L, stepper.
+
+    lr_schedule(t) sets every param group's LR of ``optimizer`` (None keeps its LR). A non-finite L is recorded and
+    ends the run: the last record then has a non-finite loss and no report. ``after_step(record)`` runs after every
+    completed step (not after the non-finite one).
+    """
+    records: list[StepRecord] = []
+    model.train()
+    for step in range(steps):
+        if lr_schedule is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = lr_schedule(step)
+        inputs, labels = batches(step)
+        logits = model(inputs)
+        loss = loss_fn(logits, labels)
+        record = StepRecord(step=step, lr=float(optimizer.param_groups[0]["lr"]), loss=loss.item())
+        records.append(record)
+        if not math.isfinite(record.loss):
+            break
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        record.report = stepper(Batch(step, inputs, labels, logits, loss))
+        if after_step is not None:
+            after_step(record)
+    return records
 
 
 def train(
@@ -265,35 +319,27 @@ def train(
     optimizer, update = (rule or plain())(model, optimizer_factory(model.parameters()))
 
     generator = torch.Generator().manual_seed(seed)
-    batches = _minibatches(len(data.y_train), batch_size, generator)
+    indices = _minibatches(len(data.y_train), batch_size, generator)
+
+    def batches(step: int) -> tuple[Tensor, Tensor]:
+        idx = next(indices)
+        return data.x_train[idx], data.y_train[idx]
+
+    def after_step(record: StepRecord) -> None:
+        if eval_every and (record.step + 1) % eval_every == 0:
+            result.evals.append(EvalRecord(record.step + 1, *evaluate(model, data.x_test, data.y_test)))
+        if progress is not None:
+            progress(record)
+
     result = TrainResult()
     started = time.perf_counter()
     if eval_every:
         result.evals.append(EvalRecord(0, *evaluate(model, data.x_test, data.y_test)))
-    model.train()
-    for step in range(steps):
-        if lr_schedule is not None:
-            for group in optimizer.param_groups:
-                group["lr"] = lr_schedule(step)
-        lr = float(optimizer.param_groups[0]["lr"])
-        idx = next(batches)
-        x, y = data.x_train[idx], data.y_train[idx]
-        loss = F.cross_entropy(model(x), y)
-        record = StepRecord(step=step, lr=lr, loss=loss.item())
-        if not math.isfinite(record.loss):
-            result.steps.append(record)
-            result.diverged, result.diverged_at = True, step
-            if progress is not None:
-                progress(record)
-            break
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        record.report = update(x)
-        result.steps.append(record)
-        if eval_every and (step + 1) % eval_every == 0:
-            result.evals.append(EvalRecord(step + 1, *evaluate(model, data.x_test, data.y_test)))
+    result.steps = run_steps(model, optimizer, update, batches, steps, lr_schedule=lr_schedule, after_step=after_step)
+    if result.steps and not math.isfinite(result.steps[-1].loss):
+        result.diverged, result.diverged_at = True, result.steps[-1].step
         if progress is not None:
-            progress(record)
+            progress(result.steps[-1])
     result.test_accuracy, result.test_loss = evaluate(model, data.x_test, data.y_test)
     done = len(result.steps) - (1 if result.diverged else 0)
     if not result.evals or result.evals[-1].step != done:

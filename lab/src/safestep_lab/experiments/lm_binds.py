@@ -23,10 +23,12 @@ from safestep.norm import global_norm
 
 from safestep.bounds import Ghost
 from safestep.probe import LogitProbe, choose_rows, row_scores
+from safestep.telemetry import StepReport
 
 from ..lm import lm_loss
 from ..parallel import run_units
 from ..report import Claim, ExperimentResult
+from ..training import Batch, run_steps
 from . import Experiment, RunOptions
 from .lm_common import LMSetup, build_model, corpus_note, load_text, sig
 
@@ -107,27 +109,19 @@ def run_seed(seed: int, config: BindsConfig) -> dict[str, Any]:
             scale["ln_f"] = args[0].detach().std(dim=-1)
 
     model.ln_f.register_forward_hook(record_scale)
-    series: dict[str, list] = {key: [] for key in ("loss", "tau", "rho", "r")}
     rows: list[dict[str, Any]] = []
     by_position: list[list[float]] = []
     min_by_position: list[list[float]] = []
-    started = time.perf_counter()
-    for step in range(config.steps):
-        inputs, labels = sampler.batch(step)
-        logits = model(inputs)
-        loss = lm_loss(logits, labels)
-        inner.zero_grad(set_to_none=True)
-        loss.backward()
+
+    def monitored_step(batch: Batch) -> StepReport:
+        """The monitor's step; every ``config.every`` steps also the direct per-position analysis of Δθ."""
+        step, inputs, labels, logits = batch.step, batch.inputs, batch.labels, batch.logits
         analyse = step % config.every == 0
         theta0 = {name: p.detach().clone() for name, p in model.named_parameters()} if analyse else None
         guard.step(inputs=inputs, labels=labels)
         report = guard.last_report
-        series["loss"].append(loss.item())
-        series["tau"].append(report.tau)
-        series["rho"].append(report.rho)
-        series["r"].append(report.r_proposed)
         if theta0 is None:
-            continue
+            return report
         with torch.no_grad():
             delta = {name: p.detach() - theta0[name] for name, p in model.named_parameters()}
             tau = float(global_norm(list(delta.values())))
@@ -158,6 +152,12 @@ def run_seed(seed: int, config: BindsConfig) -> dict[str, Any]:
             rows.append(row)
             by_position.append(radii.median(dim=0).values.tolist())
             min_by_position.append(radii.amin(dim=0).tolist())
+        return report
+
+    started = time.perf_counter()
+    records = run_steps(model, inner, monitored_step, sampler.batch, config.steps, loss_fn=lm_loss)
+    series = {"loss": [record.loss for record in records], "tau": [record.report.tau for record in records],
+              "rho": [record.report.rho for record in records], "r": [record.report.r_proposed for record in records]}
     return {"seed": seed, "series": series, "rows": rows,
             "radius_by_position_median": np.median(by_position, axis=0).tolist(),  # over the analysed steps
             "radius_by_position_min": np.median(min_by_position, axis=0).tolist(),

@@ -1,4 +1,4 @@
-"""What the language-model experiments share: the text, the model, the LR schedules, the methods and one loop.
+"""What the language-model experiments share: the text, the model, the LR schedules, the methods and their runs.
 
 * **Data and model.** The standard library's Python sources (``stdlib_corpus``), tokenized by bytes (V = 256) by
   default, and the lab's ``GPT`` built from the ``"byte"`` preset (2 layers, 4 heads, d = 64, T = 64,
@@ -10,7 +10,8 @@
   **options)`` with the options written out in the method (``probe_size`` and ``method`` always explicit). Any
   method can be *monitored*: a read-only ``SafeStep(mode="monitor")`` records τ, ρ and r of the step taken.
 * **Schedules** (``Schedule``): a base LR with an optional held spike, linear warm-up and cosine decay.
-* ``train_lm`` runs one (method, schedule, seed) and returns plain lists and numbers (picklable, JSON-ready).
+* ``train_lm`` runs one (method, schedule, seed) on the lab's loop (``training.run_steps``) with the method's stepper
+  and returns plain lists and numbers (picklable, JSON-ready).
 """
 from __future__ import annotations
 
@@ -27,9 +28,12 @@ from safestep.norm import global_norm
 
 from safestep.bounds import Belief, BoundSpec, Ghost, make_bound
 
+from safestep.telemetry import StepReport
+
 from ..lm import GPT, gpt_config, evaluate_lm, lm_loss
 from ..lm_baselines import LossSpikeSkipper, ZScoreClipper, grad_norm
 from ..text import TokenizedText, Windows, stdlib_corpus, tokenize_corpus
+from ..training import Batch, StepRecord, run_steps
 
 __all__ = ["LMSetup", "Schedule", "Method", "KINDS", "SAFESTEP_PROBE", "load_text", "validation", "build_model",
            "parse_bound", "train_lm", "sig", "median_curve", "final", "fmt", "issue_spike_numbers", "corpus_note",
@@ -190,16 +194,54 @@ def _norm(model: torch.nn.Module) -> float:
     return float(global_norm([p.detach() for p in model.parameters()]))
 
 
+class _LMStepper:
+    """The post-backward part of a step of a ``Method`` (a ``training.Stepper``): clip, z-score clip or skip, then
+    the guard's step (every step when guarded, every ``monitor_every``-th when monitored) or AdamW's; returns the
+    guard's report when it measured the step. ``acted`` lists the steps where a baseline clipped or skipped."""
+
+    def __init__(self, method: Method, model: GPT, inner: torch.optim.Optimizer, guard: Any, monitor_every: int):
+        self.method, self.model, self.inner, self.guard, self.monitor_every = method, model, inner, guard, monitor_every
+        self.zclip = ZScoreClipper(**dict(method.options)) if method.kind == "zclip" else None
+        self.skipper = LossSpikeSkipper(**dict(method.options)) if method.kind == "skip" else None
+        self.clip_norm = float(method.option("max_norm", 1.0))
+        self.acted: list[int] = []
+
+    def __call__(self, batch: Batch) -> StepReport | None:
+        action = 1.0
+        if self.method.kind == "clip":
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
+        elif self.zclip is not None:
+            action = self.zclip(self.model.parameters())
+        report = None
+        if self.skipper is not None and self.skipper.should_skip(batch.loss.item()):
+            action = 0.0
+        elif self.guard is not None and (self.method.kind == "safestep" or batch.step % self.monitor_every == 0):
+            self.guard.step(inputs=batch.inputs, labels=batch.labels)
+            report = self.guard.last_report
+        else:
+            self.inner.step()
+        if action != 1.0:
+            self.acted.append(batch.step)
+        return report
+
+    def counts(self) -> dict[str, int]:
+        """How often the baseline acted: ``steps_clipped`` (z-score clipper) or ``steps_skipped`` (skipper)."""
+        if self.zclip is not None:
+            return {"steps_clipped": self.zclip.clipped}
+        return {"steps_skipped": self.skipper.skipped} if self.skipper is not None else {}
+
+
 def train_lm(setup: LMSetup, method: Method, schedule: Schedule, steps: int, seed: int, eval_every: int,
              keep_steps: bool = True, monitor_every: int = 1,
              progress: Callable[[int], None] | None = None) -> dict[str, Any]:
-    """One run: the model from ``seed``, batches from ``sampler(seed)``, ``steps`` steps of ``method``.
+    """One run of the lab's loop (``training.run_steps``): the model from ``seed``, batches from ``sampler(seed)``,
+    ``steps`` steps of ``method``.
 
     Returns the validation curve (before training and every ``eval_every`` steps, and at the end), the per-step
-    training loss and LR and, for guarded or monitored runs, τ, ρ, r = τ/ρ, the applied scale and the binding bound
-    per step; baselines record what they did (clip factor, skipped); ‖θ‖ at every evaluation. A monitored method is measured every
-    ``monitor_every`` steps (NaN in between). A non-finite training loss ends the run (``diverged``; the final
-    validation loss is then +inf). ``progress(step)`` is called after every step.
+    training loss and, for guarded or monitored runs, τ, ρ, the applied scale and the binding bound per step (from
+    the guard's reports); baselines record where they acted (clipped, skipped); ‖θ‖ at every evaluation. A monitored
+    method is measured every ``monitor_every`` steps (NaN in between). A non-finite training loss ends the run
+    (``diverged``; the final validation loss is then +inf). ``progress(step)`` is called after every step.
     """
     text = load_text(setup.tokenizer)
     valid = validation(setup.tokenizer, setup.seq_len, setup.val_windows)
@@ -211,58 +253,22 @@ def train_lm(setup: LMSetup, method: Method, schedule: Schedule, steps: int, see
         guard = _guard(model, inner, dict(method.options))
     elif method.monitor:
         guard = _guard(model, inner, {**dict(method.monitor), "mode": "monitor"})
-    zclip = ZScoreClipper(**dict(method.options)) if method.kind == "zclip" else None
-    skipper = LossSpikeSkipper(**dict(method.options)) if method.kind == "skip" else None
-    clip_norm = float(method.option("max_norm", 1.0))
-
-    record: dict[str, list] = {key: [] for key in ("loss", "lr", "tau", "rho", "scale", "bound", "grad_norm", "action")}
+    stepper = _LMStepper(method, model, inner, guard, monitor_every)
     val_steps, val_loss = [0], [evaluate_lm(model, valid, batch_size=64)]
     theta_norm = [_norm(model)]
-    diverged_at = None
-    started = time.perf_counter()
-    model.train()
-    for step in range(steps):
-        lr = schedule(step)
-        for group in inner.param_groups:
-            group["lr"] = lr
-        inputs, labels = sampler.batch(step)
-        loss = lm_loss(model(inputs), labels)
-        value = loss.item()
-        record["loss"].append(value)
-        record["lr"].append(lr)
-        if not math.isfinite(value):
-            diverged_at = step
-            break
-        inner.zero_grad(set_to_none=True)
-        loss.backward()
-        action = 1.0
-        if method.kind == "clip":
-            record["grad_norm"].append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), clip_norm)))
-        elif zclip is not None:
-            action = zclip(model.parameters())
-        measure = guard is not None and (method.kind == "safestep" or step % monitor_every == 0)
-        if skipper is not None and skipper.should_skip(value):
-            action = 0.0
-        elif measure:
-            guard.step(inputs=inputs, labels=labels)
-            report = guard.last_report
-            record["tau"].append(report.tau)
-            record["rho"].append(report.rho)
-            record["scale"].append(0.0 if report.skipped else report.scale)
-            record["bound"].append(report.bound)
-        else:
-            inner.step()
-        if guard is not None and not measure:
-            for key in ("tau", "rho", "scale"):
-                record[key].append(math.nan)
-            record["bound"].append("")
-        record["action"].append(action)
+
+    def after_step(record: StepRecord) -> None:
         if progress is not None:
-            progress(step)
-        if eval_every and (step + 1) % eval_every == 0 and step + 1 < steps:
-            val_steps.append(step + 1)
+            progress(record.step)
+        if eval_every and (record.step + 1) % eval_every == 0 and record.step + 1 < steps:
+            val_steps.append(record.step + 1)
             val_loss.append(evaluate_lm(model, valid, batch_size=64))
             theta_norm.append(_norm(model))
+
+    started = time.perf_counter()
+    records = run_steps(model, inner, stepper, sampler.batch, steps, loss_fn=lm_loss, lr_schedule=schedule,
+                        after_step=after_step)
+    diverged_at = records[-1].step if records and not math.isfinite(records[-1].loss) else None
     final_val = math.inf if diverged_at is not None else evaluate_lm(model, valid, batch_size=64)
     if diverged_at is None:
         val_steps.append(steps)
@@ -274,25 +280,26 @@ def train_lm(setup: LMSetup, method: Method, schedule: Schedule, steps: int, see
         "diverged": diverged_at is not None, "diverged_at": diverged_at, "seconds": seconds,
         "val_steps": val_steps, "val_loss": val_loss, "theta_norm": theta_norm,
     }
+    stepped = records[:-1] if diverged_at is not None else records
+    reports = [record.report for record in stepped]
+    bounds = ["" if report is None else report.bound for report in reports]
     if keep_steps:  # per-step series for results.json: the training loss to 4 digits, the guard's numbers exact
-        out["loss"] = [sig(v, 4) for v in record["loss"]]
+        out["loss"] = [sig(record.loss, 4) for record in records]
         if guard is not None:
-            out.update({key: record[key] for key in ("tau", "rho", "scale")})
-            if len(set(record["bound"]) - {""}) > 1:
-                out["bound"] = record["bound"]
-        acted = [step for step, factor in enumerate(record["action"]) if factor != 1.0]
-        if zclip is not None or skipper is not None:
-            out["acted_at"] = acted  # steps the clipper clipped or the skipper skipped
+            out["tau"] = [math.nan if report is None else report.tau for report in reports]
+            out["rho"] = [math.nan if report is None else report.rho for report in reports]
+            out["scale"] = [math.nan if report is None else 0.0 if report.skipped else report.scale
+                            for report in reports]
+            if len(set(bounds) - {""}) > 1:
+                out["bound"] = bounds
+        if method.kind in ("zclip", "skip"):
+            out["acted_at"] = stepper.acted  # steps the clipper clipped or the skipper skipped
     if guard is not None:
-        out["binding_counts"] = dict(Counter(b for b in record["bound"] if b))
+        out["binding_counts"] = dict(Counter(b for b in bounds if b))
     if guard is not None and method.kind == "safestep":
-        scales = np.asarray(record["scale"], dtype=float)
-        out["steps_capped"] = int(np.sum((scales < 1.0) & (scales > 0.0)))
-        out["steps_skipped"] = int(np.sum(scales == 0.0))
-    if zclip is not None:
-        out["steps_clipped"] = zclip.clipped
-    if skipper is not None:
-        out["steps_skipped"] = skipper.skipped
+        out["steps_capped"] = sum(1 for report in reports if not report.skipped and 0.0 < report.scale < 1.0)
+        out["steps_skipped"] = sum(1 for report in reports if report.skipped)
+    out.update(stepper.counts())
     return out
 
 
