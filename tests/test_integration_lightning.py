@@ -309,7 +309,8 @@ def test_callback_without_a_guard_and_bad_arguments_raise():
 
 
 def test_importing_safestep_imports_no_framework():
-    code = ("import sys, safestep, safestep.integrations, safestep.telemetry, safestep.cli; "
-            "print(sorted({'lightning', 'transformers', 'accelerate', 'matplotlib'} & set(sys.modules)))")
+    code = ("import sys, safestep, safestep.integrations, safestep.integrations.deepspeed, safestep.telemetry, "
+            "safestep.cli; print(sorted({'lightning', 'transformers', 'accelerate', 'matplotlib', 'olmo_core', "
+            "'deepspeed'} & set(sys.modules)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
