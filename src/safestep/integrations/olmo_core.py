@@ -22,9 +22,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from olmo_core.optim import AdamWConfig, OptimConfig
 from olmo_core.train.callbacks import Callback
-import torch
 from torch import Tensor, nn
 
 from ..guard import SafeStep
