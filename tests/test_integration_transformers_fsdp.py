@@ -10,6 +10,7 @@ gloo collectives) is the real FSDP2 path.
 """
 import math
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -81,10 +82,13 @@ def _fsdp_on_cpu():
 def _fsdp2_trainer(rank, out_dir):
     warnings.filterwarnings("ignore")
     _fsdp_on_cpu()
+    # a sharded checkpoint at the end (FULL_STATE_DICT saving aborts on CPU/gloo with a collective size mismatch,
+    # with or without the guard)
+    fsdp_config = {"transformer_layer_cls_to_wrap": ["GPT2Block"], "state_dict_type": "SHARDED_STATE_DICT"}
     args = TrainingArguments(output_dir=out_dir, max_steps=STEPS, per_device_train_batch_size=BATCH, use_cpu=True,
-                             fsdp="full_shard", fsdp_config={"transformer_layer_cls_to_wrap": ["GPT2Block"]},
+                             fsdp="full_shard", fsdp_config=fsdp_config,
                              learning_rate=1.0, weight_decay=0.1, lr_scheduler_type="constant", max_grad_norm=0.0,
-                             logging_steps=1, report_to=[], save_strategy="no", disable_tqdm=True)
+                             logging_steps=1, report_to=[], save_strategy="steps", save_steps=STEPS, disable_tqdm=True)
     updates = FullUpdates()
     trainer = Trainer(model=_gpt2(), args=args, train_dataset=RandomTokens(), callbacks=[updates])
     returned = add_safestep(trainer)
@@ -100,6 +104,7 @@ def _fsdp2_trainer(rank, out_dir):
         "applied": updates.applied,
         "logs": [entry for entry in trainer.state.log_history if "loss" in entry],
         "params": full_flat(trainer.model),
+        "checkpoint": sorted(path.name for path in Path(out_dir, f"checkpoint-{STEPS}").iterdir()),
     }
 
 
@@ -127,6 +132,10 @@ def test_fsdp2_trainer_every_rank_applies_the_same_capped_scale_within_the_radiu
             assert moved == pytest.approx(scale * tau, rel=1e-4)  # every shard was scaled by the same s
             assert moved <= rho * (1 + 1e-4)  # r = 1: the applied step is at most ρ
     assert torch.equal(ranks[0]["params"], ranks[1]["params"])
+
+
+def test_fsdp2_trainer_saves_its_sharded_checkpoint_with_the_guard(ranks):
+    assert {"optimizer_0", "pytorch_model_fsdp_0", "scheduler.pt", "trainer_state.json"} <= set(ranks[0]["checkpoint"])
 
 
 def test_fsdp2_trainer_logs_the_guard_statistics(ranks):
