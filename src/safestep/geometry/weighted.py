@@ -8,10 +8,10 @@ disk |t| ≤ R the term of class k has real part at least w_k·m(|a_k − d|·R)
 is non-increasing. So G_d(R) = Σ_k w_k m(|a_k − d| R) > 0 proves Re F > 0, hence no zero of F, on |t| ≤ R, and
 ρ* > R. Replacing |a_k − d| by an upper bound keeps the proof (m is non-increasing), so one pass over K puts the
 weights into ``buckets`` equal slope intervals and every later evaluation costs O(buckets). The returned radius is
-the largest R (found by bisection to relative ``rtol``, from below) that some centre certifies — the midpoint of
-the slopes, the heaviest bucket and the weighted mean — and never less than π/Δ_a (which the midpoint would give
-without bucketing); rows with exactly two live classes get the exact √(δ² + π²)/Δ_a. See ``weighted_radius`` for
-what the rounding analysis covers.
+the largest R (found by bisection to relative ``rtol``, from below) that some centre certifies — the heaviest
+bucket, the weighted mean of the slopes or two points between it and the midpoint — and never less than π/Δ_a (the strip theorem; the midpoint centre would
+give it without bucketing); rows with exactly two live classes get the exact √(δ² + π²)/Δ_a. m is tabulated once
+(certified lower bounds on a grid, see ``_kernel_table``). See ``weighted_radius`` for the rounding analysis.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ _MAX_BUCKETS = 128  # default bucket count: min(_MAX_BUCKETS, max(16, K // 4))
 _DEFAULT_RTOL = 1e-3
 _DEFAULT_CHUNK = 1 << 18  # elements of (rows × K) per chunk of the histogram pass
 _ROW_BLOCK = 4096  # rows bisected together (the per-row state is O(buckets))
+_TOWARD_MIDPOINT = (0.2, 0.4)  # extra centres: the weighted mean moved these fractions toward the midpoint
 _COARSEN = 8  # buckets merged for the first test of each row in min_weighted_radius
 _HEAD = 64  # rows of smallest π/Δ_a whose brackets set min_weighted_radius's first upper bound
 _COARSE_RTOL = 0.25  # bracket width of the first pass of min_weighted_radius
@@ -140,7 +141,9 @@ def _block(z: Tensor, a: Tensor, index: Tensor, buckets: int | None, masked: boo
     total = weights.sum(dim=-1, keepdim=True)
     heaviest = middle[weights.argmax(dim=-1)]
     mean = (weights * middle).sum(dim=-1) / total.squeeze(-1)
-    centres = torch.stack([heaviest, mean], dim=1)[:, :, None]  # (r, C, 1); the midpoint's π/Δ_a is the floor
+    # (r, C, 1): the heaviest bucket, the weighted mean, and two points between the mean and the midpoint (0), where
+    # the best centre of real LM rows lies (about a fifth of the way); the midpoint's own π/Δ_a is the floor
+    centres = torch.stack([heaviest, mean] + [mean * (1 - f) for f in _TOWARD_MIDPOINT], dim=1)[:, :, None]
     reach = torch.maximum((edges[:-1] - centres).abs(), (edges[1:] - centres).abs()) + _WIDEN / buckets
     reach = torch.where(weights[:, None, :] > 0, reach * ((1 + 1e-12) / _TABLE_STEP), 0.0)
     info = torch.finfo(work)
@@ -236,14 +239,17 @@ def weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None = Non
     classes, NaN where a logit is NaN or +inf, a live slope is not finite, or no class is live. A logit of −inf
     masks its class; ``masked`` as in ``safestep.bounds.live_slopes`` (False promises there is none: no search).
 
-    Certified for the inputs as given (float values taken exactly): the pass over K runs in float32 (float64 for
-    float64 input) and its rounding is bounded — relative (K + 96)·u on each bucket sum (summation, exp, the
-    logit subtraction) and K·tiny absolute for exp underflow — and charged against the certificate; bucket
-    intervals are widened to cover the rounding of the bucket index; the certificate itself is evaluated in
-    float64 against a tabulated lower bound of m with its own error term. R_w is approached from below by
-    bisection to relative ``rtol``: every returned R_w > π/Δ_a passed the certificate at that R.
-    Cost: about eight passes over the logits (chunks of ``chunk`` elements, peak extra memory ≈ 16·chunk bytes plus
-    O(rows × buckets)) and O(buckets) per row per bisection step; no per-row Python.
+    Certified for the inputs as given (their float values taken exactly): the pass over K runs in float32 (float64
+    when either input is float64) and its rounding is bounded — relative (K + 8 + |log tiny| + 1)·u on each bucket
+    sum (summation, exp, the logit subtraction) and K·tiny absolute for exp underflow — and charged against the
+    certificate; bucket intervals are widened by 1e-3 of a bucket to cover the rounding of the bucket index; the
+    certificate is evaluated in float64 against certified lower bounds of m on a grid (looked up at the grid point
+    above s) with a relative 1e-12 allowance for the rounding of R·Δ_a. R_w is approached from below by bisection to
+    relative ``rtol``: every returned R_w above the strip bound passed the certificate at that R (float32 input
+    with R·Δ_a beyond about 87 − log K is capped there by the underflow term).
+    ``buckets`` defaults to min(128, max(16, K // 4)). Cost: about ten passes over the logits in chunks of ``chunk``
+    elements (peak extra memory ≈ 24·chunk bytes plus O(rows × buckets) float64 for blocks of 4096 rows) and
+    O(buckets) per row per bisection step (about 13 steps); no per-row Python.
     """
     z_all, a_all = _flat(logits, slopes)
     result = torch.empty(len(z_all), dtype=torch.float64, device=logits.device)
