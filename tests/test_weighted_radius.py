@@ -222,3 +222,25 @@ def test_min_exact_radius_memory_chunks_do_not_change_the_result(monkeypatch):
     monkeypatch.setattr(radius_module, "_CHUNK_ELEMENTS", 200 * 3)  # three points per evaluation chunk
     value, index = min_exact_radius(logits, slopes)
     assert index == expected[1] and float(value) == pytest.approx(float(expected[0]), rel=1e-9)
+
+
+# ------------------------------------------------------------------------------------------ larger sweeps
+
+@pytest.mark.slow
+@pytest.mark.parametrize("k, rows", [(256, 1000), (2048, 40), (8192, 16)])
+def test_lm_rows_sweep_below_exact(k, rows):
+    logits, slopes = lm_rows(rows, k, seed=100 + k)
+    logits = logits * torch.linspace(0.5, 3.0, rows, dtype=torch.float64)[:, None]  # confident and flat rows
+    logits, slopes = logits.float(), slopes.float()
+    ratio = weighted_radius(logits, slopes) / exact_radius(logits, slopes)
+    assert bool((ratio <= 1 / SAFE).all()), float(ratio.max())
+    assert float(ratio.median()) > 0.6
+
+
+@pytest.mark.slow
+def test_min_exact_radius_k8192_bounded_and_equal_to_the_row_minimum():
+    logits, slopes = lm_rows(12, 8192, seed=21)
+    logits = logits * torch.linspace(0.5, 3.0, 12, dtype=torch.float64)[:, None]
+    value, index = min_exact_radius(logits.float(), slopes.float())
+    exact = exact_radius(logits.float(), slopes.float())
+    assert float(value) == pytest.approx(float(exact.min()), rel=1e-7) and index == int(exact.argmin())

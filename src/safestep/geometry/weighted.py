@@ -280,12 +280,16 @@ def min_weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None =
     upper = _finish(_bisect(head, _COARSE_RTOL)[1], head.spread)
     ceiling, best = float(upper.min()), int(order[int(upper.argmin())])
     rest = order[_HEAD:][strip[order[_HEAD:]] < ceiling]
-    if 2 * rest.numel() > n:  # most rows go on: reduce all of them in place (head rows twice) rather than gather
-        rest = torch.arange(n)
-    parts = [head] + [_block(z_all, a_all, rest[i:i + _ROW_BLOCK].to(z_all.device), buckets, masked, chunk)
-                      for i in range(0, rest.numel(), _ROW_BLOCK)]
-    rows = _Rows(*(torch.cat(column) for column in zip(*(p[:4] for p in parts))), head.eps, head.slack)
-    index = torch.cat([order[:_HEAD], rest]).to(z_all.device)
+    if 2 * rest.numel() > n:  # most rows go on: reduce all of them in place (head rows again) rather than gather
+        index, parts = torch.arange(n), []
+    else:  # the head, then the other rows in index order (runs of neighbouring rows gather faster)
+        index, parts = torch.cat([order[:_HEAD], rest.sort().values]), [head]
+    tail = index[_HEAD:] if parts else index
+    parts += [_block(z_all, a_all, tail[i:i + _ROW_BLOCK].to(z_all.device), buckets, masked, chunk)
+              for i in range(0, tail.numel(), _ROW_BLOCK)]
+    rows = parts[0] if len(parts) == 1 else _Rows(*(torch.cat(column) for column in zip(*(p[:4] for p in parts))),
+                                                 head.eps, head.slack)
+    index = index.to(z_all.device)
     invalid = torch.isnan(rows.spread)
     if bool(invalid.any()):
         return torch.tensor(math.nan, dtype=torch.float64, device=logits.device), int(index[invalid][0])
