@@ -12,7 +12,11 @@ import pytest
 import torch
 
 from safestep.geometry.radius import exact_radius, min_exact_radius
-from safestep.geometry.weighted import min_weighted_radius, weighted_excludes, weighted_radius
+from safestep.geometry.weighted import (
+    min_weighted_radius,
+    weighted_excludes,
+    weighted_radius,
+)
 
 SAFE = 1 - 1e-9  # exact_radius is certified to rtol 1e-8 from above: (1 − 1e-8)·r ≤ ρ* ≤ r
 

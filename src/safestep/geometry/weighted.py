@@ -22,7 +22,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-__all__ = ["weighted_radius", "min_weighted_radius", "weighted_excludes"]
+__all__ = ["min_weighted_radius", "weighted_excludes", "weighted_radius"]
 
 _TABLE_STEP = 1.0 / 32  # s spacing of the tabulated lower bound on m(s)
 _TABLE_END = 64.0  # beyond it m(s) ≥ −exp(√(s² − π²/4))
