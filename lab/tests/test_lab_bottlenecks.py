@@ -44,7 +44,8 @@ def test_min_mode_step_is_adamw_direction_with_length_min_radius(small_batch):
     plain_optimizer.step()
     applied, proposed = _flat(model) - theta0, _flat(plain_model) - theta0
     assert math.isfinite(loss)
-    assert float(applied.norm()) == pytest.approx(radii.smallest, rel=1e-5) and length == radii.smallest
+    # the core's guarded write: never longer than ρ, shortened by at most its rounding allowance (0.1 %)
+    assert radii.smallest * (1 - 1e-3) <= float(applied.norm()) <= radii.smallest and length == radii.smallest
     assert float(torch.nn.functional.cosine_similarity(applied, proposed, dim=0)) > 1 - 1e-6
 
 

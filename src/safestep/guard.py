@@ -95,7 +95,9 @@ class SafeStep(torch.optim.Optimizer):
         if accelerated is not None and isinstance(optimizer, accelerated):
             raise ValueError("wrap the optimizer before accelerator.prepare: accelerator.prepare(model, "
                              "SafeStep(optimizer, model), ...); wrapped after, the guard would run on every "
-                             "gradient-accumulation micro-batch and see gradients before the GradScaler unscales them")
+                             "gradient-accumulation micro-batch and see gradients before the GradScaler unscales them "
+                             "(under FSDP2, prepare first and seat the guard inside accelerate's wrapper with "
+                             "safestep.integrations.seat_safestep)")
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         if mode == "monitor" and r is not None:

@@ -353,7 +353,8 @@ def _check_decision(decision: "Decision", classes: int, ignore_index: int) -> No
         raise RuntimeError(
             f"the update length τ differs across ranks ({decision.tau_low:.6g} to {decision.tau_high:.6g}): the "
             "parameters are not replicated; wrap the model in DistributedDataParallel (averaged gradients) or shard "
-            "it with FSDP2")
+            "it with FSDP2, and build SafeStep after fully_shard (a guard built before sharding measures each "
+            "rank's shard as if it were the whole model; accelerate: safestep.integrations.seat_safestep)")
 
 
 def _uncertified(live: list[Tensor], theta0: list[Tensor], config: StepConfig, report: "_Reporter", tau: float,
