@@ -167,26 +167,56 @@ def _certifies(rows: _Rows, x: Tensor) -> Tensor:
     return proof.any(dim=-1)
 
 
-def _bisect(rows: _Rows, rtol: float, bracket: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-    """(lo, hi): lo the largest certified normalized radius found (never below ``rows.floor``), hi ≤ lo·(1 + rtol)
-    a radius the certificate rejects (or lo's first doubling that it rejects).
+def _per_octave(rtol: float) -> int:
+    """Grid points per doubling of R: radii are searched on the absolute grid g_j = 2^{j/N}, N ≥ ln 2/ln(1 + rtol)."""
+    if not 0 < rtol < 1:
+        raise ValueError(f"rtol must lie in (0, 1), got {rtol!r}")
+    return math.ceil(math.log(2.0) / math.log1p(rtol))
 
-    Without a ``bracket``, doubling from 2·floor brackets every row within a factor 2; then a fixed number of
-    geometric bisection steps (the same for all rows: no gathers) shrinks each bracket to relative width rtol.
-    """
-    if bracket is None:
-        lo = rows.floor.clone()
-        hi = 2 * lo
-        for _ in range(_MAX_DOUBLINGS):
-            ok = _certifies(rows, hi)
-            if not bool(ok.any()):
-                break
-            lo, hi = torch.where(ok, hi, lo), torch.where(ok, 2 * hi, hi)
-    else:
-        lo, hi = bracket
-    width = float((hi / lo).amax()) if lo.numel() else 1.0
-    steps = math.ceil(math.log2(math.log(width) / math.log1p(rtol))) if width > 1 + rtol else 0
-    for _ in range(steps):
+
+def _grid(j: Tensor, per_octave: int) -> Tensor:
+    return torch.exp2(j.to(torch.float64) / per_octave)
+
+
+def _accepts(rows: _Rows, known: Tensor, j: Tensor, per_octave: int) -> Tensor:
+    """Row n accepts grid point j when g_j ≤ its theorem radius or the certificate proves no zero in |t| ≤ g_j.
+
+    Both are down-sets in j (the certificate is monotone), so each row accepts exactly the points j ≤ J_n."""
+    g = _grid(j, per_octave)
+    return (g <= known) | _certifies(rows, rows.spread.nan_to_num(0.0) * g)  # invalid rows: NaN elsewhere
+
+
+def _search(rows: _Rows, rtol: float) -> Tensor:
+    """R_w per row: max(theorem radius, g_{J_n}), J_n the last grid point the row accepts (integer bisection).
+
+    The grid is absolute, so ``min_weighted_radius`` finds exactly the minimum of these values."""
+    per_octave = _per_octave(rtol)
+    known = _finish(rows.floor, rows.spread)
+    usable = torch.isfinite(known)
+    lo = torch.where(usable, torch.floor(torch.log2(known.where(usable, 1.0)) * per_octave), 0.0).long()
+    hi = lo + per_octave
+    for _ in range(_MAX_DOUBLINGS):
+        ok = usable & _accepts(rows, known, hi, per_octave)
+        if not bool(ok.any()):
+            break
+        lo, hi = torch.where(ok, hi, lo), torch.where(ok, hi + per_octave, hi)
+    while bool((hi - lo > 1).any()):
+        mid = (lo + hi) // 2
+        ok = _accepts(rows, known, mid, per_octave)
+        lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
+    return torch.where(usable, torch.maximum(known, _grid(lo, per_octave)), known)
+
+
+def _bisect(rows: _Rows, rtol: float) -> tuple[Tensor, Tensor]:
+    """(lo, hi) normalized: lo certified (or the floor), hi rejected, hi ≤ lo·(1 + rtol) or hi = 2·lo·2^m."""
+    lo = rows.floor.clone()
+    hi = 2 * lo
+    for _ in range(_MAX_DOUBLINGS):
+        ok = _certifies(rows, hi)
+        if not bool(ok.any()):
+            break
+        lo, hi = torch.where(ok, hi, lo), torch.where(ok, 2 * hi, hi)
+    for _ in range(math.ceil(math.log2(math.log(2.0) / math.log1p(rtol)))):
         mid = torch.sqrt(lo * hi)
         ok = _certifies(rows, mid)
         lo, hi = torch.where(ok, mid, lo), torch.where(ok, hi, mid)
@@ -255,21 +285,22 @@ def weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None = Non
     result = torch.empty(len(z_all), dtype=torch.float64, device=logits.device)
     for start in _blocks(len(z_all)):
         rows = _block(z_all, a_all, _span(start, len(z_all), z_all.device), buckets, masked, chunk)
-        result[start:start + _ROW_BLOCK] = _finish(_bisect(rows, rtol)[0], rows.spread)
+        result[start:start + _ROW_BLOCK] = _search(rows, rtol)
     return result.reshape(logits.shape[:-1])
 
 
 def min_weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None = None,
                         buckets: int | None = None, rtol: float = _DEFAULT_RTOL,
                         chunk: int = _DEFAULT_CHUNK) -> tuple[Tensor, int]:
-    """(R, n): R ≤ min over rows of ρ*, certified, equal to min_n ``weighted_radius`` up to rtol; n a row that binds.
+    """(R, n): R = min_n ``weighted_radius`` (same buckets and rtol, exactly), so R ≤ min_n ρ*_n; n a row attaining it.
 
-    Branch and bound without per-row bisection: (1) π/Δ_a of every row from two reductions over its slopes (0 for
+    Branch and bound without per-row searches: (1) π/Δ_a of every row from two reductions over its slopes (0 for
     rows with masked classes or non-finite values, which go on to (3)); (2) the _HEAD rows of smallest π/Δ_a are
     reduced to buckets and bracketed, the smallest upper end U bounds the minimum; (3) only rows with π/Δ_a < U are
-    reduced to buckets; (4) one bisection on the common radius R over those rows: a step where every row certifies R
-    raises the lower end, otherwise the upper end drops to R and the rows that certified R leave (they certify
-    every smaller radius). NaN (and that row) if some row is invalid; (inf, 0) when every Δ_a = 0.
+    reduced to buckets; (4) one integer bisection over the absolute radius grid g_j = 2^{j/N} that the per-row
+    search uses: a step where every row accepts g_j raises the lower end, otherwise the upper end drops to j and the
+    rows that accepted it leave (they accept every smaller point); coarse buckets are tried before the fine ones.
+    NaN (and that row) if some row is invalid; (inf, 0) when every Δ_a = 0.
     """
     z_all, a_all = _flat(logits, slopes)
     n, k = z_all.shape
@@ -278,7 +309,7 @@ def min_weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None =
     order = torch.argsort(strip)
     head = _block(z_all, a_all, order[:_HEAD].to(z_all.device), buckets, masked, chunk)
     upper = _finish(_bisect(head, _COARSE_RTOL)[1], head.spread)
-    ceiling, best = float(upper.min()), int(order[int(upper.argmin())])
+    ceiling = float(upper.min())
     rest = order[_HEAD:][strip[order[_HEAD:]] < ceiling]
     if 2 * rest.numel() > n:  # most rows go on: reduce all of them in place (head rows again) rather than gather
         index, parts = torch.arange(n), []
@@ -294,25 +325,41 @@ def min_weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None =
     if bool(invalid.any()):
         return torch.tensor(math.nan, dtype=torch.float64, device=logits.device), int(index[invalid][0])
     known = _finish(rows.floor, rows.spread)  # certified by theorem (inf where Δ_a = 0)
-    lo, hi = float(known.min()), ceiling
-    if not math.isfinite(lo):
-        return torch.tensor(math.inf, dtype=torch.float64, device=logits.device), 0
-    live = torch.nonzero(known < hi).squeeze(-1)
+    if not math.isfinite(ceiling):  # every head row is flat: bracket all the rows instead
+        ceiling = float(_finish(_bisect(rows, _COARSE_RTOL)[1], rows.spread).min())
+        if not math.isfinite(ceiling):
+            return torch.tensor(math.inf, dtype=torch.float64, device=logits.device), 0
+    per_octave = _per_octave(rtol)
+    lo = math.floor(math.log2(float(known.min())) * per_octave)  # every row accepts it (g ≤ its theorem radius)
+    hi = max(lo + 1, math.ceil(math.log2(ceiling) * per_octave))  # the head's binding row rejects it
     coarse = _coarsen(rows)
-    while hi > lo * (1 + rtol) and live.numel():
-        mid = math.sqrt(lo * hi)
-        part = _take(coarse, live)
-        ok = (known[live] >= mid) | _certifies(part, part.spread * mid)
-        if not bool(ok.all()):  # what the coarse buckets cannot settle, the fine ones may
-            again = live[~ok]
-            part = _take(rows, again)
-            ok[~ok] = _certifies(part, part.spread * mid)
+    live = torch.nonzero(known < _grid(torch.tensor(hi), per_octave)).squeeze(-1)
+    live = live[~_accepts_fast(rows, coarse, known, live, hi, per_octave)]
+    if live.numel() == 0:  # not expected (a head row rejects hi); fall back to every row's own search
+        values = _search(rows, rtol)
+        i = int(values.argmin())
+        return values[i].to(logits.device), int(index[i])
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        ok = _accepts_fast(rows, coarse, known, live, mid, per_octave)
         if bool(ok.all()):
             lo = mid
-        else:
+        else:  # rows that accept mid accept every point below it: they leave
             hi, live = mid, live[~ok]
-            best = int(index[live[0]])
-    return torch.tensor(lo, dtype=torch.float64, device=logits.device), best
+    # the rows left are those whose last accepted point is lo; min_n max(theorem_n, g_{J_n}) is reached among them
+    value = torch.maximum(known[live], _grid(torch.tensor(lo), per_octave))
+    i = int(value.argmin())
+    return value[i].to(logits.device), int(index[live[i]])
+
+
+def _accepts_fast(rows: _Rows, coarse: _Rows, known: Tensor, live: Tensor, j: int, per_octave: int) -> Tensor:
+    """``_accepts`` for rows ``live`` at grid point j, trying the coarse buckets first (coarse proof ⇒ fine proof)."""
+    point = torch.full((live.numel(),), j, dtype=torch.long, device=live.device)
+    ok = _accepts(_take(coarse, live), known[live], point, per_octave)
+    if not bool(ok.all()):
+        again = ~ok
+        ok[again] = _accepts(_take(rows, live[again]), known[live[again]], point[again], per_octave)
+    return ok
 
 
 def _strip_bound(z: Tensor, a: Tensor) -> Tensor:
