@@ -8,10 +8,11 @@ disk |t| ≤ R the term of class k has real part at least w_k·m(|a_k − d|·R)
 is non-increasing. So G_d(R) = Σ_k w_k m(|a_k − d| R) > 0 proves Re F > 0, hence no zero of F, on |t| ≤ R, and
 ρ* > R. Replacing |a_k − d| by an upper bound keeps the proof (m is non-increasing), so one pass over K puts the
 weights into ``buckets`` equal slope intervals and every later evaluation costs O(buckets). The returned radius is
-the largest R (found by bisection to relative ``rtol``, from below) that some centre certifies — the heaviest
-bucket, the weighted mean of the slopes or two points between it and the midpoint — and never less than π/Δ_a (the strip theorem; the midpoint centre would
-give it without bucketing); rows with exactly two live classes get the exact √(δ² + π²)/Δ_a. m is tabulated once
-(certified lower bounds on a grid, see ``_kernel_table``). See ``weighted_radius`` for the rounding analysis.
+the largest R on a grid of relative spacing ``rtol`` that some centre certifies — the heaviest bucket, the
+weighted mean of the slopes or two points between it and the midpoint — and never less than π/Δ_a (the strip
+theorem; the midpoint centre would give it without bucketing); rows with exactly two live classes get the exact
+√(δ² + π²)/Δ_a. m is tabulated once (certified lower bounds on a grid, see ``_kernel_table``). See
+``weighted_radius`` for the rounding analysis.
 """
 from __future__ import annotations
 
@@ -274,12 +275,13 @@ def weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None = Non
     sum (summation, exp, the logit subtraction) and K·tiny absolute for exp underflow — and charged against the
     certificate; bucket intervals are widened by 1e-3 of a bucket to cover the rounding of the bucket index; the
     certificate is evaluated in float64 against certified lower bounds of m on a grid (looked up at the grid point
-    above s) with a relative 1e-12 allowance for the rounding of R·Δ_a. R_w is approached from below by bisection to
-    relative ``rtol``: every returned R_w above the strip bound passed the certificate at that R (float32 input
+    above s) with a relative 1e-12 allowance for the rounding of R·Δ_a. R_w = max(π/Δ_a or the binary radius,
+    the last point of the grid 2^{j/N}, N = ⌈ln 2/ln(1 + rtol)⌉, that the certificate proves), found by integer
+    bisection; every value above the theorem radius passed the certificate there (float32 input
     with R·Δ_a beyond about 87 − log K is capped there by the underflow term).
     ``buckets`` defaults to min(128, max(16, K // 4)). Cost: about ten passes over the logits in chunks of ``chunk``
     elements (peak extra memory ≈ 24·chunk bytes plus O(rows × buckets) float64 for blocks of 4096 rows) and
-    O(buckets) per row per bisection step (about 13 steps); no per-row Python.
+    O(buckets) per row per search step (about 13 steps); no per-row Python.
     """
     z_all, a_all = _flat(logits, slopes)
     result = torch.empty(len(z_all), dtype=torch.float64, device=logits.device)
