@@ -41,8 +41,17 @@ def test_the_paper_rule_binds_and_shrinks_the_steps(quick):
     assert summary["rho_step30_median"] < summary["rho_step0_median"]  # the issue: 0.44 → 0.021
 
 
+def test_plain_adamw_runs_beside_the_bounds_and_the_issue_18_claim_reports_it(quick):
+    plain = _run(quick, "plain")
+    assert "rho" not in plain and "binding_counts" not in plain  # unguarded
+    claim = quick.claims[-1]
+    assert claim.claim.startswith("issue 18") and "plain AdamW" in claim.ours
+    cells = quick.metrics["summary"]["cells"]
+    assert len(cells["plain"][f"val_at_{quick.metrics['summary']['checkpoint']}_per_seed"]) == len(QUICK.seeds)
+
+
 def test_claims_and_files(quick, tmp_path):
-    assert len(quick.claims) == 1 + len(QUICK.rules)
+    assert len(quick.claims) == 2 + len(QUICK.rules)
     paths = write_result(quick, tmp_path, quick=True)
     assert set(paths) == {"lm_belief.png", "results.json", "report.md"}
     assert "probe_size=16" in (tmp_path / "report.md").read_text()
