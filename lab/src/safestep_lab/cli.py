@@ -7,6 +7,7 @@ their output folder can be written; a failed check raises the library's ``UsageE
 from __future__ import annotations
 
 import argparse
+import json
 import importlib.util
 import sys
 from pathlib import Path
@@ -199,18 +200,25 @@ def _run_report(args: argparse.Namespace) -> int:
         return 0
     readme = Path(args.readme)
     text = readme.read_text(encoding="utf-8")
+    demo = Path(args.demo)
+    with_demo = demo.is_file() and "<!-- demo-table:start" in text
     try:
         updated = replace_block(text, table)
+        if with_demo:
+            from .demo import README_BLOCK, format_table
+
+            updated = replace_block(updated, format_table(json.loads(demo.read_text()), markdown=True), README_BLOCK)
     except ValueError as error:
         raise UsageError(f"{readme}: {error}") from None
     if args.check:
         if updated != text:
-            print(f"{readme}: the reproduction table is out of date; run: safestep report --readme {readme}",
+            print(f"{readme}: the reproduction or demo table is out of date; run: safestep report --readme {readme}",
                   file=sys.stderr)
             return 1
         return 0
     readme.write_text(updated, encoding="utf-8")
-    print(f"{readme}: reproduction table rewritten from {len(results)} results files in {args.results}")
+    print(f"{readme}: reproduction table rewritten from {len(results)} results files in {args.results}"
+          + (f", demo table from {demo}" if with_demo else ""))
     return 0
 
 
@@ -224,6 +232,9 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--readme", default=None,
                         help="rewrite the table between this file's reproduction-table markers instead of printing it")
     parser.add_argument("--check", action="store_true", help="with --readme: only exit 1 if the table is out of date")
+    parser.add_argument("--demo", default="lab/demo-results/results.json",
+                        help="with --readme: also rewrite the demo table from this results.json of `safestep demo` "
+                        "(default: the committed lab/demo-results/results.json, what `make demo` prints)")
     parser.set_defaults(handler=_run_report)
 
 

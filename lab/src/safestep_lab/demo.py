@@ -123,20 +123,21 @@ def run_demo(config: DemoConfig, progress: Callable[[int, str], None] | None = N
     return result
 
 
-def _table_rows(result: DemoResult) -> list[list[str]]:
+def table_rows(runs: list[dict[str, Any]]) -> list[list[str]]:
+    """One table row per run of a results payload (``DemoResult.to_dict()["runs"]``, or results.json's)."""
     rows = []
-    for (model_name, method), run in result.runs.items():
-        max_r = run.max_r
-        capped = f"{run.steps_capped}/{len(run.steps)}" if method == "safestep" else "-"
-        if run.steps_skipped:
-            capped += f" (+{run.steps_skipped} skipped)"
-        diverged = f"yes (step {run.diverged_at})" if run.diverged else "no"
+    for run in runs:
+        method, max_r = run["method"], run["max_r"]
+        capped = f"{run['steps_capped']}/{len(run['steps'])}" if method == "safestep" else "-"
+        if run["steps_skipped"]:
+            capped += f" (+{run['steps_skipped']} skipped)"
+        diverged = f"yes (step {run['diverged_at']})" if run["diverged"] else "no"
         rows.append([
-            _MODEL_TITLES.get(model_name, model_name),
+            _MODEL_TITLES.get(run["model"], run["model"]),
             method,
-            f"{run.test_accuracy:.3f}",
-            f"{run.test_loss:.3g}",
-            "n/a" if max_r is None else f"{max_r:.3g}",
+            f"{float(run['test_accuracy']):.3f}",
+            f"{float(run['test_loss']):.3g}",
+            "n/a" if max_r is None else f"{float(max_r):.3g}",
             capped,
             diverged,
         ])
@@ -144,11 +145,13 @@ def _table_rows(result: DemoResult) -> list[list[str]]:
 
 
 _HEADER = ["model", "method", "final test acc", "final test loss", "max r = τ/ρ", "steps capped", "diverged"]
+README_BLOCK = "demo-table"  # README.md's generated block, written from lab/results/demo/results.json
 
 
-def format_table(result: DemoResult, markdown: bool = False) -> str:
-    """The per (model, method) summary as aligned text, or as a markdown table when ``markdown``."""
-    return text_table(_HEADER, _table_rows(result), markdown)
+def format_table(result: DemoResult | dict[str, Any], markdown: bool = False) -> str:
+    """The per (model, method) summary of a run or of its results.json payload, as aligned text or markdown."""
+    payload = result.to_dict() if isinstance(result, DemoResult) else result
+    return text_table(_HEADER, table_rows(payload["runs"]), markdown)
 
 
 def _plot(result: DemoResult, handle: IO[bytes]) -> None:
