@@ -252,3 +252,26 @@ def test_r_in_monitor_mode_is_refused_rather_than_ignored():
     model = small_mlp(5)
     with pytest.raises(ValueError, match="r has no effect in mode='monitor'"):
         SafeStep(torch.optim.SGD(model.parameters(), lr=0.1), model, mode="monitor", r=2.0)
+
+
+def test_the_belief_bound_keeps_training_when_label_probabilities_underflow():
+    torch.manual_seed(0)
+    net = nn.Linear(6, 5)
+    model = nn.Sequential(net, _Scale(1e4))  # logits around 1e4: most labels' softmax probability is 0 in float32
+    x, y = torch.randn(32, 6), torch.randint(0, 5, (32,))
+    opt = SafeStep(torch.optim.SGD(model.parameters(), lr=1e-6), model, bound="belief", probe_size=None)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step(labels=y)
+        report = opt.last_report
+        assert not report.skipped and report.rho > 0 and math.isfinite(report.r_applied), report.reason
+
+
+class _Scale(nn.Module):
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, z):
+        return z * self.factor

@@ -356,7 +356,8 @@ def belief_step_cap(
     so without labels it certifies the step for the predicted label only (docs/belief_support.md).
     The locally normalized proxy y = p cannot be used: its gradient −1 is normal to the simplex, P_T g = 0, and the
     cap would be 0 for every sample. Returns shape (...); inf where J_s a = 0 (the belief does not move), except
-    that η_adm = 0 (only when a live entry of p underflows to 0) gives 0, the conservative choice.
+    that for the Fisher rules η_adm = 0 (only when a live entry of p underflows to 0) gives 0, the conservative
+    choice; the one-hot "support" cap 2/|d log p_c/dτ| needs no p_c² and survives an underflowing p_c.
     """
     z, a, live = softmax_line(logits, logit_slopes)
     _check_rule(rule)
@@ -365,21 +366,18 @@ def belief_step_cap(
     p = _softmax(z)
     label = p.argmax(dim=-1) if labels is None else _row_labels(labels, live)
     y = _label_target(label, live, s)
-    if rule == "support" and s == 0.0:
-        eta_adm = _one_hot_support(p_label(p, label), k)
-    else:
-        eta_adm = _max_step(p, rule, live, y if rule == "support" else None)
-    if backoff:
-        eta_adm = eta_adm / (1.0 + _alpha_from_deficit(_entropy_deficit(p, k), _check_eps(eps)))
+    shrink = 1.0 / (1.0 + _alpha_from_deficit(_entropy_deficit(p, k), _check_eps(eps))) if backoff else 1.0
     centred = a - a.amax(dim=-1, keepdim=True)  # J_s ignores constant shifts; this makes J_s(c·1) exactly 0
     mean = (p * centred).sum(dim=-1, keepdim=True)
     if rule == "support" and s == 0.0:  # only the label coordinate is curved: compare the label's own move
+        # η_adm·(k − 1)/(k·p_c²) = 2 exactly: p_c² cancels, so a label probability that underflows costs nothing
         label_speed = (centred.gather(-1, label.unsqueeze(-1)) - mean).squeeze(-1).abs()  # |d log p_c/dτ|
-        cap = torch.where(label_speed > 0, eta_adm * (k - 1) / (k * p_label(p, label) ** 2 * label_speed), math.inf)
-    else:
-        tangent_grad_norm = _tangent_norm(torch.where(y > 0, -y / p, 0.0), live)
-        belief_speed = torch.linalg.vector_norm(p * (centred - mean), dim=-1)
-        cap = torch.where(belief_speed > 0, eta_adm * tangent_grad_norm / belief_speed, math.inf)
+        cap = torch.where(label_speed > 0, 2.0 * shrink / label_speed, math.inf)
+        return torch.where(k > 1, cap, math.inf)
+    eta_adm = _max_step(p, rule, live, y if rule == "support" else None) * shrink
+    tangent_grad_norm = _tangent_norm(torch.where(y > 0, -y / p, 0.0), live)
+    belief_speed = torch.linalg.vector_norm(p * (centred - mean), dim=-1)
+    cap = torch.where(belief_speed > 0, eta_adm * tangent_grad_norm / belief_speed, math.inf)
     cap = torch.where(eta_adm > 0, cap, 0.0)
     return torch.where(k > 1, cap, math.inf)
 
