@@ -30,6 +30,7 @@ MUTANT_ENV = "SAFESTEP_RADIUS_MUTANT"
 _RADIUS_FUNCTIONS = {
     "safestep.geometry.radius": {"radius_lower_bound": 1, "binary_radius": 1, "exact_radius": 1,
                                  "min_exact_radius": 1, "spread": -1, "row_spread": -1},
+    "safestep.geometry.weighted": {"weighted_radius": 1, "min_weighted_radius": 1},
     "safestep.geometry.simplex": {"max_step": 1, "ads_step": 1},
 }
 

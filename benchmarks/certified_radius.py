@@ -27,6 +27,7 @@ import torch
 
 from safestep.geometry.radius import exact_radius, min_exact_radius
 from safestep.geometry.weighted import min_weighted_radius, weighted_radius
+from safestep.norm import global_norm
 
 TARGET = 0.10  # fraction of the plain step allowed for each whole-batch minimum
 MODELS = {256: "text-gpt-byte", 8192: "text-gpt-bpe"}
@@ -81,8 +82,7 @@ def model_rows(name: str, train_steps: int) -> tuple[torch.Tensor, torch.Tensor,
     work.loss(model, inputs, targets).backward()
     optimizer.step()  # the update the slopes follow
     update = [p.detach() - b for p, b in zip(params, before)]
-    norm = math.sqrt(sum(float(u.double().pow(2).sum()) for u in update))
-    theta = math.sqrt(sum(float(b.double().pow(2).sum()) for b in before))
+    norm, theta = float(global_norm(update)), float(global_norm(before))
     eps = 1e-3 * max(1.0, theta)
     with torch.no_grad():
         for p, b, u in zip(params, before, update):
