@@ -1,7 +1,8 @@
-"""Rank reductions for rank-consistent SafeStep decisions under torch.distributed (docs/distributed.md).
+"""Rank reductions for rank-consistent SafeStep decisions under torch.distributed (README, "torch.distributed (DDP, FSDP2)").
 
 Only gloo-compatible collectives are used: all_reduce with SUM or MIN, and all_gather. With no process group, or a
-world size of 1, every reduction is the identity. Nothing here reads a tensor on the host: results stay on the device.
+world size of 1, every reduction is the identity. ``min``, ``sum`` and ``max`` keep their results on the device;
+``gather_rows`` (quantile aggregates only) reads every rank's row count on the host, once per call.
 """
 from __future__ import annotations
 
