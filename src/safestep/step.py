@@ -5,7 +5,9 @@
                    → ρ (the bound over rows and ranks) → one host read (the decision) → s = min(1, r·ρ/τ) (cap)
                    or r·ρ/τ (set) → θ = θ0 + s·Δθ with ‖θ − θ0‖ ≤ r·ρ exactly | restore θ0 → StepReport
 
-Any exception after the snapshot restores θ0 bit for bit before it propagates. The tensor arithmetic (norms, the
+Host reads: whether the gradients are finite (none with an optimizer that skips on the device) and the decision;
+bounds that screen their input first (exact, belief) add one, and the weighted bound's search reads a few small
+tensors per bisection. Any exception after the snapshot restores θ0 bit for bit before it propagates. The tensor arithmetic (norms, the
 snapshot, the guarded write) is ``safestep.update``; the bounds are ``safestep.bounds``; the probe is
 ``safestep.probe``. Reading one step: this file, then those three.
 """
