@@ -58,3 +58,24 @@ def full_flat(model):
     """All parameters gathered (FSDP2 DTensors through full_tensor, a collective) and flattened, in float64."""
     parts = [p.full_tensor() if hasattr(p, "full_tensor") else p for p in model.parameters()]
     return torch.cat([p.detach().reshape(-1) for p in parts]).double()
+
+
+ROWS = 16  # batch rows per rank of the tiny classification problem below
+
+
+def tiny_mlp():
+    """The tiny 5 → 16 → 3 classifier the two-rank integration tests train (seeded)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 3))
+
+
+def rank_shard(rank):
+    """This rank's ROWS separable 3-class samples (a different seed per rank)."""
+    generator = torch.Generator().manual_seed(100 + rank)
+    y = torch.randint(0, 3, (ROWS,), generator=generator)
+    return torch.eye(3, 5)[y] * 2 + torch.randn(ROWS, 5, generator=generator), y
+
+
+def capping_sgd(params):
+    """SGD with a learning rate large enough that the guard's cap binds."""
+    return torch.optim.SGD(params, lr=4.0, momentum=0.9)

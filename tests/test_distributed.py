@@ -3,20 +3,18 @@
 Each spawn runs several scenarios; every child saves its results to a file that the parent compares with
 single-process references (plain SafeStep on the concatenated batch, or torch.func.jvp + numpy by hand).
 """
-import datetime
 import math
 import os
-import socket
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jvp
+
+from _ranks import WORLD, spawn
 
 from safestep import SafeStep
 from safestep.collectives import Reducer, make_reducer
@@ -24,7 +22,6 @@ from safestep.layout import probe_module
 from safestep.geometry import belief_step_cap
 from safestep.geometry.radius import exact_radius
 
-WORLD = 2
 SPAWN_TIMEOUT = 120.0
 RHO_CONFIGS = [("ghost", "max"), ("exact", "max"), ("belief", "max"),
                ("ghost", 0.75), ("exact", 0.75), ("belief", 0.75), (("ghost", "belief"), 0.6)]
@@ -69,35 +66,6 @@ def _train(model, opt, x, y, steps, **step_kwargs):
 
 
 # -- spawning --------------------------------------------------------------------------------------------------
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _child(rank, worker, port, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    try:
-        torch.save(worker(rank, out_dir), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _spawn(worker, tmp_path):
-    """Run worker(rank, out_dir) on 2 gloo ranks; return their results. A child's exception fails with its traceback."""
-    context = mp.start_processes(_child, args=(worker, _free_port(), str(tmp_path)), nprocs=WORLD, join=False,
-                                 start_method="spawn")
-    deadline = time.monotonic() + SPAWN_TIMEOUT
-    while not context.join(timeout=1.0):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"{worker.__name__} did not finish within {SPAWN_TIMEOUT} s (a collective mismatch hangs)")
-    return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(WORLD)]
-
-
 def _gathered(t):
     parts = [torch.empty_like(t) for _ in range(WORLD)]
     dist.all_gather(parts, t.contiguous())
@@ -271,7 +239,7 @@ def _reference_training(model, method="auto"):
 def spawned(tmp_path_factory):
     """One spawn of 2 ranks runs every scenario: (per-rank results, the directory holding the checkpoint)."""
     tmp = tmp_path_factory.mktemp("ranks")
-    return _spawn(_worker, tmp), tmp
+    return spawn(_worker, tmp, timeout=SPAWN_TIMEOUT), tmp
 
 
 @pytest.mark.parametrize("bound, aggregate", RHO_CONFIGS)

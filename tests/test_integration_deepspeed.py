@@ -12,28 +12,13 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from _ranks import WORLD, full_flat, spawn
-from torch import nn
+from _ranks import ROWS, WORLD, capping_sgd, full_flat, rank_shard, spawn, tiny_mlp
 
 from safestep import SafeStep
 from safestep.integrations.deepspeed import check_config, safestep_initialize
 
-STEPS, ROWS = 3, 16
+STEPS = 3
 
-
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
-
-
-def _shard(rank):
-    generator = torch.Generator().manual_seed(100 + rank)
-    y = torch.randint(0, 3, (ROWS,), generator=generator)
-    return torch.eye(3, 5)[y] * 2 + torch.randn(ROWS, 5, generator=generator), y
-
-
-def _sgd(params):
-    return torch.optim.SGD(params, lr=4.0, momentum=0.9)  # large: the cap binds
 
 
 def _zero0(rank, out_dir):
@@ -41,11 +26,11 @@ def _zero0(rank, out_dir):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    model = _mlp()
+    model = tiny_mlp()
     config = {"train_micro_batch_size_per_gpu": ROWS, "zero_optimization": {"stage": 0}}
-    engine, guard, _, _ = safestep_initialize(model=model, optimizer=_sgd(model.parameters()), config=config,
+    engine, guard, _, _ = safestep_initialize(model=model, optimizer=capping_sgd(model.parameters()), config=config,
                                               safestep={"probe_size": None})
-    x, y = _shard(rank)
+    x, y = rank_shard(rank)
     applied = []
     for _ in range(STEPS):
         before = full_flat(model)
@@ -54,7 +39,7 @@ def _zero0(rank, out_dir):
         applied.append((full_flat(model) - before).norm().item())
     refused = None
     try:
-        safestep_initialize(model=_mlp(), optimizer=_sgd(_mlp().parameters()), config={"zero_optimization": {"stage": 2}})
+        safestep_initialize(model=tiny_mlp(), optimizer=capping_sgd(tiny_mlp().parameters()), config={"zero_optimization": {"stage": 2}})
     except ValueError as error:
         refused = str(error)
     return {"engine": type(engine).__name__, "guard": type(guard).__name__,
@@ -66,9 +51,9 @@ def _zero0(rank, out_dir):
 def test_zero_stage0_every_rank_applies_the_scale_of_one_process_on_the_concatenated_batch(tmp_path):
     pytest.importorskip("deepspeed")
     ranks = spawn(_zero0, tmp_path, init=False, start_method="fork", timeout=400.0)
-    model = _mlp()
-    reference = SafeStep(_sgd(model.parameters()), model, probe_size=None)
-    x, y = (torch.cat(parts) for parts in zip(*(_shard(r) for r in range(WORLD))))
+    model = tiny_mlp()
+    reference = SafeStep(capping_sgd(model.parameters()), model, probe_size=None)
+    x, y = (torch.cat(parts) for parts in zip(*(rank_shard(r) for r in range(WORLD))))
     for _ in range(STEPS):
         reference.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -100,9 +85,9 @@ def test_configurations_that_step_other_tensors_are_refused_before_the_engine(co
         check_config(config)
     path = tmp_path / "ds_config.json"
     path.write_text(json.dumps(config))
-    model = _mlp()
+    model = tiny_mlp()
     with pytest.raises(ValueError, match=match):  # a JSON path too; nothing is built, deepspeed is not imported
-        safestep_initialize(model=model, optimizer=_sgd(model.parameters()), config=str(path))
+        safestep_initialize(model=model, optimizer=capping_sgd(model.parameters()), config=str(path))
 
 
 def test_zero_stage0_in_fp32_passes_the_check():

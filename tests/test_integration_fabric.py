@@ -4,8 +4,7 @@ under bf16-mixed precision with gradient accumulation."""
 import pytest
 import torch
 import torch.nn.functional as F
-from _ranks import WORLD, full_flat, spawn
-from torch import nn
+from _ranks import WORLD, capping_sgd, full_flat, rank_shard, spawn, tiny_mlp
 
 pytest.importorskip("lightning")
 from lightning.fabric import Fabric  # noqa: E402
@@ -14,31 +13,17 @@ from safestep import SafeStep  # noqa: E402
 from safestep.integrations import unwrap_safestep  # noqa: E402
 from safestep.integrations.lightning import fabric_logits_fn  # noqa: E402
 
-STEPS, ROWS = 3, 16
+STEPS = 3
 
-
-def _mlp():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 16), nn.Tanh(), nn.Linear(16, 3))
-
-
-def _shard(rank):
-    generator = torch.Generator().manual_seed(100 + rank)
-    y = torch.randint(0, 3, (ROWS,), generator=generator)
-    return torch.eye(3, 5)[y] * 2 + torch.randn(ROWS, 5, generator=generator), y
-
-
-def _sgd(params):
-    return torch.optim.SGD(params, lr=4.0, momentum=0.9)  # large: the cap binds
 
 
 def _fabric_ddp(rank, out_dir):
     fabric = Fabric(accelerator="cpu", devices=WORLD, strategy="ddp")  # LOCAL_RANK set: the processes exist
     fabric.launch()
-    model = _mlp()
-    guard = SafeStep(_sgd(model.parameters()), model, probe_size=None)
+    model = tiny_mlp()
+    guard = SafeStep(capping_sgd(model.parameters()), model, probe_size=None)
     model, optimizer = fabric.setup(model, guard)
-    x, y = _shard(rank)
+    x, y = rank_shard(rank)
     applied = []
     for _ in range(STEPS):
         before = full_flat(model)
@@ -53,9 +38,9 @@ def _fabric_ddp(rank, out_dir):
 
 def test_fabric_ddp_every_rank_applies_the_scale_of_one_process_on_the_concatenated_batch(tmp_path):
     ranks = spawn(_fabric_ddp, tmp_path, init=False, start_method="fork")
-    model = _mlp()
-    reference = SafeStep(_sgd(model.parameters()), model, probe_size=None)
-    x, y = (torch.cat(parts) for parts in zip(*(_shard(r) for r in range(WORLD))))
+    model = tiny_mlp()
+    reference = SafeStep(capping_sgd(model.parameters()), model, probe_size=None)
+    x, y = (torch.cat(parts) for parts in zip(*(rank_shard(r) for r in range(WORLD))))
     for _ in range(STEPS):
         reference.zero_grad()
         F.cross_entropy(model(x), y).backward()
@@ -74,12 +59,12 @@ def test_fabric_ddp_every_rank_applies_the_scale_of_one_process_on_the_concatena
 
 def test_fabric_bf16_with_gradient_accumulation_steps_the_guard_once_per_optimizer_step():
     fabric = Fabric(accelerator="cpu", devices=1, precision="bf16-mixed")
-    model = _mlp()
-    guard = SafeStep(_sgd(model.parameters()), model, logits_fn=fabric_logits_fn(fabric))
+    model = tiny_mlp()
+    guard = SafeStep(capping_sgd(model.parameters()), model, logits_fn=fabric_logits_fn(fabric))
     dtypes = []  # of every forward of the last layer: the training forwards and the probe's
     model[2].register_forward_hook(lambda module, args, out: dtypes.append(out.dtype))
     model, optimizer = fabric.setup(model, guard)
-    x, y = _shard(0)
+    x, y = rank_shard(0)
     for micro in range(4):
         with fabric.no_backward_sync(model, enabled=micro % 2 == 0):
             fabric.backward(F.cross_entropy(model(x[micro::4]), y[micro::4]) / 2)
