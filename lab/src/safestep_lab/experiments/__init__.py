@@ -81,6 +81,7 @@ REGISTRY: dict[str, str] = {
     "lm-schedule": "safestep_lab.experiments.lm_schedule",
     "lm-binds": "safestep_lab.experiments.lm_binds",
     "lm-belief": "safestep_lab.experiments.lm_belief",
+    "lm-defaults": "safestep_lab.experiments.lm_defaults",
 }
 
 
