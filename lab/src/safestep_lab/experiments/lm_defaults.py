@@ -567,8 +567,9 @@ def build_result(runs: list[dict[str, Any]], config: DefaultsConfig, quick: bool
         "probe_select 'mixed', method 'auto' (the library's defaults); ss-weighted = bound 'weighted' (R_w), "
         "probe_size=None (whole batch); ss-weighted-p8 = R_w, probe_size=0.125; ss-ghost = π/Δ_a, whole batch. "
         f"zclip: z = {ZCLIP['z']}, EMA {ZCLIP['alpha']}, warm-up {config.baseline_warmup} steps. Trap analysis: "
-        f"seed {config.trap_seed}, lr {config.trap_lr:g}, {config.trap_steps} steps, every {config.trap_every}th "
-        f"step probed on the whole batch, methods {', '.join(config.trap_methods)}."
+        f"seed {config.trap_seed}, lr {config.trap_lr:g}, {config.trap_steps} steps, the update probed on the whole batch "
+        f"every {config.trap_every} steps, methods {', '.join(config.trap_methods)} and plain AdamW (monitored, never "
+        "scaled)."
     )
     notes = [corpus_note(config.setup),
              ("Seconds are wall-clock per run on a 2-core machine shared with other jobs (one torch thread per "
