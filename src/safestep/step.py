@@ -151,7 +151,7 @@ def prepare_batch(config: StepConfig, target: StepTarget, state: RunState, param
     if state.schema is None:
         state.schema = _preflight(config, target, params, inputs, labels, rows_in_batch, whole=bool(shared),
                                   reference=reference)
-    elif labels is not None and labels.ndim - 1 != state.schema.row_dims - 1:
+    elif labels is not None and labels.ndim != state.schema.row_dims:
         raise ValueError(f"labels have {labels.ndim} dimension(s) but the model's logits have "
                          f"{state.schema.row_dims} row dimension(s) (one label per logits row)")
     rows, note = _probe_rows(config, target, state, inputs, labels, scores, rows_in_batch, shared)
@@ -220,7 +220,7 @@ def _preflight(config: StepConfig, target: StepTarget, params: Sequence[Tensor],
         picked = labels if coupled else labels.index_select(0, rows.to(labels.device))
         if tuple(picked.shape) != tuple(logits.shape[:-1]):
             raise ValueError(_row_mismatch(tuple(labels.shape), tuple(logits.shape), rows_in_batch))
-        _check_label_range(labels.cpu() if labels.device.type != "cpu" else labels, logits.shape[-1],
+        _check_label_range(labels.cpu(), logits.shape[-1],
                            config.ignore_index)
     return Schema(logits.shape[-1], logits.ndim - 1, bool(torch.isneginf(logits).any()))
 
@@ -383,7 +383,7 @@ class _Reporter:
                  skipped: bool = False, reason: str = "") -> StepReport:
         ratio = 0.0 if tau == 0 else (tau / rho if rho != 0 else math.inf)
         return StepReport(tau=tau, rho=rho, r_proposed=ratio, scale=scale, r_applied=0.0 if skipped else scale * ratio,
-                          bound=bound or self.config.bound.name if bound is None else bound, method=method,
+                          bound=self.config.bound.name if bound is None else bound, method=method,
                           rows_probed=self.batch.rows_probed, skipped=skipped,
                           seconds=time.perf_counter() - self.start, step=self.state.steps, reason=reason,
                           rows_in_batch=self.batch.rows_in_batch)

@@ -154,11 +154,6 @@ def _secular_threshold(e: Tensor, live: Tensor) -> Tensor:
     return torch.where(positive, 2.0 * sigma, 0.0)
 
 
-def _one_hot_support(label_prob: Tensor, k: Tensor | int) -> Tensor:
-    """2·p_c²·k/(k − 1): the "support" threshold of a one-hot label c on k live classes (θ_max = (1 − 1/k)/p_c²)."""
-    return 2.0 * label_prob**2 * k / (k - 1)
-
-
 def _max_step(p: Tensor, rule: str, live: Tensor, target: Tensor | None = None) -> Tensor:
     """η_max(p) of ``rule`` on the live face; "support" uses ``target`` (None: the fixed point y = p)."""
     if rule == "support":
