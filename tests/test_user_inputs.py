@@ -51,13 +51,14 @@ def _ghost_over_rows(model, opt_factory, tokens, labels):
     return _lm_step(twin, guard, tokens, labels).rho
 
 
-def test_padding_rows_are_never_probed_while_rows_in_the_loss_are_left():
+@pytest.mark.parametrize("select", ["mixed", "stride"])
+def test_padding_rows_are_never_probed_while_rows_in_the_loss_are_left(select):
     tokens, labels = _tokens(16, 6), _tokens(16, 6, seed=2)
     tokens[0::8] = 0  # the stride's rows on step 0 (rows 0 and 8) are all padding ...
     labels[0::8] = -100  # ... and outside the loss
     model = _TokenModel()
     whole = _ghost_over_rows(model, lambda m: torch.optim.SGD(m.parameters(), lr=30.0), tokens, labels)
-    opt = SafeStep(torch.optim.SGD(model.parameters(), lr=30.0), model, probe_size=2)
+    opt = SafeStep(torch.optim.SGD(model.parameters(), lr=30.0), model, probe_size=2, probe_select=select)
     before = [p.detach().clone() for p in model.parameters()]
     report = _lm_step(model, opt, tokens, labels)
     moved = math.sqrt(sum(float((p.detach() - q).pow(2).sum()) for p, q in zip(model.parameters(), before)))
