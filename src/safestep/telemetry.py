@@ -1,14 +1,9 @@
 """Step reports of the SafeStep guard: a dataclass per step, a bounded history, and streaming sinks.
 
-Sinks (CSV, JSON lines, TensorBoard, a user function) receive every report as it is recorded; TensorBoard is
-imported lazily (``torch.utils.tensorboard`` needs the optional ``tensorboard`` package). ``read_reports`` reads
-back what the CSV and JSON-lines sinks wrote.
-
-**Resuming.** The file sinks open their file on the first report. A run whose first report has step 0 starts the
-file afresh; a run whose first report has a later step (its counters came from a checkpoint) keeps the rows of
-earlier steps, drops the rows of its own step and later (written after the checkpoint, about to be written again),
-and appends: one row per step, never two runs interleaved. ``resume=False`` always starts afresh. The existing
-file is read and checked first: a file that does not hold step reports is never overwritten.
+Sinks (CSV, JSON lines, TensorBoard, a user function) receive every report as it is recorded; ``read_reports``
+reads back what the file sinks wrote. A file sink resumes at its first report's step k: it keeps the rows of steps
+before k, drops the later ones and appends (``resume=False``: afresh); a file that does not hold step reports is
+never overwritten (docs/integrations.md, "Files that survive a restart").
 """
 from __future__ import annotations
 
@@ -35,9 +30,10 @@ class StepReport:
     ``r_proposed = τ/ρ`` is the inner optimizer's step in radius units (before scaling); ``scale`` is the factor s
     applied to Δθ and ``r_applied = s·τ/ρ`` the applied step in radius units (at most the guard's ``r`` in cap
     mode; 0 when skipped). ``bound`` names the bound that set ρ (the binding member of a minimum of bounds),
-    ``method`` the slope estimator that ran ("jvp", "fd", or "none" when no probe was needed), ``rows_probed`` the
-    number of batch rows (samples or sequences) the probe covered and ``rows_in_batch`` the batch rows there were,
-    ``skipped`` whether the parameters were left at θ0 (``reason`` says why), ``seconds`` the wall time of ``step()``, ``step`` the index of the guarded step (counted across checkpoints).
+    ``method`` the slope estimator that ran ("jvp", "fd", "reuse", or "none" when no probe was needed),
+    ``rows_probed`` the number of batch rows (samples or sequences) the probe covered and ``rows_in_batch`` the
+    batch rows there were, ``skipped`` whether the parameters were left at θ0 (``reason`` says why), ``seconds``
+    the wall time of ``step()``, ``step`` the index of the guarded step (counted across checkpoints).
     """
 
     tau: float
@@ -76,8 +72,7 @@ class ReportSink(Protocol):
 
 
 class _FileSink:
-    """A sink that opens its file lazily (line-buffered) on the first report, resuming it when that report's step
-    is past 0 (see the module docstring)."""
+    """A sink that opens its file (line-buffered) on the first report, resuming from that report's step."""
 
     def __init__(self, path: str | Path, *, resume: bool = True) -> None:
         if not isinstance(resume, bool):
@@ -92,13 +87,11 @@ class _FileSink:
         if self._file is None:
             kept, intact = self._existing(first_step if self.resume else 0)
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            if kept and not intact:
+                self._rewrite(kept)
+            self._file = open(self.path, "a" if kept else "w", newline="", buffering=1, encoding="utf-8")
             if not kept:
-                self._file = open(self.path, "w", newline="", buffering=1, encoding="utf-8")
                 self._start(self._file)
-            else:
-                if not intact:
-                    self._rewrite(kept)
-                self._file = open(self.path, "a", newline="", buffering=1, encoding="utf-8")
         return self._file
 
     def _existing(self, first_step: int) -> tuple[list[StepReport], bool]:
@@ -159,7 +152,7 @@ class _FileSink:
 
 
 class CSVSink(_FileSink):
-    """Stream reports to a CSV file with one header row (columns = StepReport fields); resumes (module docstring)."""
+    """Stream reports to a CSV file with one header row (columns = StepReport fields)."""
 
     def _start(self, file: IO[str]) -> None:
         csv.DictWriter(file, fieldnames=FIELDS).writeheader()
@@ -173,8 +166,7 @@ class CSVSink(_FileSink):
 
 
 class JSONLSink(_FileSink):
-    """Stream reports to a JSON-lines file (resumes, module docstring); non-finite floats are written as the strings
-    "inf"/"-inf"/"nan"."""
+    """Stream reports to a JSON-lines file; non-finite floats are written as the strings "inf"/"-inf"/"nan"."""
 
     def _row(self, file: IO[str], report: StepReport) -> None:
         file.write(json.dumps(json_ready(report.as_dict())) + "\n")
@@ -206,7 +198,8 @@ class TensorBoardSink:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:  # pragma: no cover - depends on the environment
-                raise ImportError("TensorBoardSink needs the 'tensorboard' package: pip install safestep[tensorboard]") from err
+                raise ImportError("TensorBoardSink needs the 'tensorboard' package: "
+                                  "pip install safestep[tensorboard]") from err
             writer = SummaryWriter(log_dir=None if log_dir is None else str(log_dir))
         self.writer = writer
         self.prefix = prefix
@@ -222,6 +215,7 @@ class TensorBoardSink:
         self.writer.close()
 
 
+_METRICS = ("tau", "rho", "r_proposed", "scale", "r_applied", "capped", "skipped", "rows_probed", "rows_in_batch")
 DEFAULT_PREFIX = "safestep/"
 """The prefix of every metric name given to a logger (``safestep/tau``, ...)."""
 
@@ -229,17 +223,7 @@ DEFAULT_PREFIX = "safestep/"
 def report_metrics(report: StepReport, prefix: str = DEFAULT_PREFIX) -> dict[str, float]:
     """{prefix+name: value} for τ, ρ, r_proposed = τ/ρ, s, r_applied = s·τ/ρ, capped (1 if 0 < s < 1), skipped (1/0),
     and what the certificate covered: rows_probed of rows_in_batch batch rows."""
-    return {
-        prefix + "tau": report.tau,
-        prefix + "rho": report.rho,
-        prefix + "r_proposed": report.r_proposed,
-        prefix + "scale": report.scale,
-        prefix + "r_applied": report.r_applied,
-        prefix + "capped": float(report.capped),
-        prefix + "skipped": float(report.skipped),
-        prefix + "rows_probed": float(report.rows_probed),
-        prefix + "rows_in_batch": float(report.rows_in_batch),
-    }
+    return {prefix + name: float(getattr(report, name)) for name in _METRICS}
 
 
 StepChoice = str | None | Callable[[StepReport], int]
@@ -249,14 +233,10 @@ StepChoice = str | None | Callable[[StepReport], int]
 class CallbackSink:
     """Call ``fn(report_metrics(report, prefix), step=...)`` for every report whose step is a multiple of ``every``.
 
-    ``step`` chooses the ``step=`` argument: ``"report"`` (the default) passes ``report.step``, the optimizer step
-    counted across checkpoints (right for ``mlflow.log_metrics`` and for trackers whose step counts optimizer
-    steps); ``None`` passes none, so the tracker uses its own counter (``wandb.log``: W&B drops a step lower than
-    its current one, which a loop that logs per micro-batch or logs eval too has passed); a function
-    ``step(report) -> int`` passes its value (e.g. the trainer's global step). ``step_key`` also puts
-    ``report.step`` into the metrics under that key (for ``wandb.define_metric(..., step_metric=step_key)``).
-    Like every sink, ``fn`` gets the report once the step has committed: an exception it raises leaves the step
-    applied and recorded, and propagates after the other sinks had the report.
+    ``step``: "report" passes ``report.step`` (optimizer steps, counted across checkpoints), None passes none (the
+    tracker counts: W&B needs this), a function ``step(report) -> int`` passes its value; ``step_key`` also puts
+    ``report.step`` into the metrics under that key. An exception ``fn`` raises leaves the step applied and
+    recorded, and propagates after the other sinks had the report (docs/integrations.md, "Any tracker").
     """
 
     def __init__(self, fn: Callable[..., Any], *, every: int = 1, prefix: str = DEFAULT_PREFIX,
@@ -345,7 +325,7 @@ class History:
         """Write the stored reports to a new JSON-lines file (replacing a file of step reports); returns its path."""
         return self._dump(JSONLSink(path, resume=False))
 
-    def _dump(self, sink: "CSVSink | JSONLSink") -> Path:
+    def _dump(self, sink: _FileSink) -> Path:
         sink._open()
         for report in self._reports:
             sink.write(report)
@@ -386,15 +366,13 @@ def read_reports(path: str | Path) -> list[StepReport]:
 def _reports_in(lines: list[str], where: str) -> list[StepReport]:
     """The reports in the lines of a CSV or JSON-lines file named ``where`` (ValueError when they are not reports)."""
     try:
-        records = _json_records(lines) if lines and lines[0].lstrip().startswith("{") else _csv_records(lines)
+        if lines and lines[0].lstrip().startswith("{"):  # JSON lines: one object per non-blank line
+            records = [(number, json.loads(line)) for number, line in enumerate(lines, 1) if line.strip()]
+        else:
+            records = _csv_records(lines)
     except (csv.Error, json.JSONDecodeError) as error:
         raise ValueError(f"{where}: not a CSV or JSON-lines file of step reports ({error})") from None
     return [_report_from_record(record, f"{where}:{number}") for number, record in records]
-
-
-def _json_records(lines: list[str]) -> list[tuple[int, Any]]:
-    """(line number, decoded object) of every non-blank line."""
-    return [(number, json.loads(line)) for number, line in enumerate(lines, 1) if line.strip()]
 
 
 def _csv_records(lines: list[str]) -> list[tuple[int, Any]]:
@@ -402,17 +380,24 @@ def _csv_records(lines: list[str]) -> list[tuple[int, Any]]:
     reader = csv.DictReader(lines)
     if not reader.fieldnames:  # an empty file: no header, no rows
         return []
-    header = set(reader.fieldnames or ())
-    missing = [name for name in FIELDS if name not in header and name not in _OPTIONAL and _RENAMED.get(name) not in header]
+    known = set(reader.fieldnames) | _OPTIONAL.keys()
+    missing = [name for name in FIELDS if name not in known and _RENAMED.get(name) not in known]
     if missing:
         raise csv.Error(f"the header lacks {', '.join(missing)}")
     return [(reader.line_num, row) for row in reader]
 
 
 def _report_from_record(record: Any, where: str) -> StepReport:
-    """A StepReport from one CSV row or JSON object (non-finite floats and booleans may be strings)."""
+    """A StepReport from one CSV row or JSON object (non-finite floats and booleans may be strings; an older file's
+    renamed fields are read under their current name, the optional ones it lacks as their default)."""
     if isinstance(record, dict):
-        record = _current_names(record)
+        record = dict(record)
+        for name, old in _RENAMED.items():
+            if record.get(name) is None and old in record:
+                record[name] = record[old]
+        for name, default in _OPTIONAL.items():
+            if record.get(name) in (None, ""):
+                record[name] = default
     missing = [name for name in FIELDS if not isinstance(record, dict) or record.get(name) is None]
     if missing:
         raise ValueError(f"{where}: not a step report (missing {', '.join(missing)})")
@@ -420,18 +405,6 @@ def _report_from_record(record: Any, where: str) -> StepReport:
         return StepReport(**{name: _parse(_FIELD_TYPES[name], record[name]) for name in FIELDS})
     except ValueError as error:
         raise ValueError(f"{where}: not a step report ({error})") from None
-
-
-def _current_names(record: dict[str, Any]) -> dict[str, Any]:
-    """``record`` with renamed fields under their current name and the optional fields an older file lacks."""
-    record = dict(record)
-    for name, old in _RENAMED.items():
-        if record.get(name) is None and old in record:
-            record[name] = record[old]
-    for name, default in _OPTIONAL.items():
-        if record.get(name) in (None, ""):
-            record[name] = default
-    return record
 
 
 def _parse(kind: type, value: Any) -> Any:
