@@ -1,30 +1,8 @@
 """Bounds: rules mapping (logits, slopes, labels) at θ0 to a safe step length ρ along the update direction.
 
-Every bound sees logits and slopes of shape (..., K); all leading dimensions are rows ((B, K) samples or (B, T, V)
-positions). ``row_radii`` gives one radius per row (flat, float64), ``__call__`` aggregates them:
-
-* ``aggregate="max"`` — the worst row decides: ρ = min_n ρ_n (a step safe for every probed row);
-* ``aggregate=q`` with 0 < q <= 1 — the quantile of the per-row step *demand* 1/ρ_n over the active rows: ρ is
-  the ⌊(1 − q)(N − 1)⌋-th smallest ρ_n (0-based), so at most a fraction 1 − q of rows may have a smaller radius.
-  ``q = 1.0`` equals "max". Looser than "max": not a certificate for every row.
-
-Real inputs:
-
-* **ignored rows** — a row whose label is ``IGNORE_INDEX`` (−100, the PyTorch / Hugging Face convention) is not in
-  the loss: its radius is +inf and it is left out of quantiles. With every row ignored, ρ = inf.
-* **masked classes** — a logit of −inf (action masks, padded vocabularies) has softmax weight 0 and drops out of
-  F(t) = Σ_k w_k e^{a_k t}; its slope is meaningless (a finite difference gives NaN there) and is ignored.
-  ``masked=None`` (the default) looks for −inf logits; ``masked=False`` promises there are none (no search,
-  the SafeStep hot path) and ``masked=True`` says there may be.
-
-Non-finite input is not an error here: a row with a NaN or infinite live slope gets a NaN (or 0) radius, which the
-caller treats as "no certificate". Bounds compose: ``Min(a, b)`` is the smaller radius; ``leaves`` lists the
-members a distributed reduction reduces one by one.
-
-**The protocol.** A bound implements one method, ``row_radii``, and carries ``name``, ``aggregate`` and
-``accepts_nonfinite``. Aggregation over rows, ignored rows (and, in ``safestep.step``, ranks) lives in one place,
-``bound_radius``; a bound may declare a fast path for the worst row, ``min_radius`` (the ghost bound's single
-``amax``, the exact bound's branch and bound), which ``bound_radius`` uses for ``aggregate="max"``.
+Logits and slopes are (..., K), every leading dimension a row; a bound's ``row_radii`` gives one float64 radius per
+row and ``bound_radius`` aggregates them ("max": the worst row; a quantile q: looser, not a certificate for every
+row). Ignored rows, masked classes, non-finite rows and the protocol: docs/step.md, "Bounds".
 """
 from __future__ import annotations
 
@@ -40,24 +18,8 @@ from .geometry.radius import exact_radius, min_exact_radius, row_spread
 from .geometry.simplex import RULES, belief_radius
 from .geometry.weighted import min_weighted_radius, weighted_radius
 
-__all__ = [
-    "IGNORE_INDEX",
-    "Aggregate",
-    "Bound",
-    "Ghost",
-    "Exact",
-    "Weighted",
-    "Belief",
-    "Min",
-    "BOUND_NAMES",
-    "BoundSpec",
-    "aggregate_radii",
-    "bound_radius",
-    "check_aggregate",
-    "leaves",
-    "make_bound",
-    "live_slopes",
-]
+__all__ = ["IGNORE_INDEX", "Aggregate", "Bound", "Ghost", "Exact", "Weighted", "Belief", "Min", "BOUND_NAMES",
+           "BoundSpec", "aggregate_radii", "bound_radius", "check_aggregate", "leaves", "make_bound", "live_slopes"]
 
 IGNORE_INDEX = -100
 Aggregate = Union[str, float]
@@ -74,10 +36,8 @@ def check_aggregate(aggregate: Aggregate) -> Aggregate:
 
 
 def aggregate_radii(radii: Tensor, aggregate: Aggregate = "max", active: Tensor | None = None) -> Tensor:
-    """ρ = min_n ρ_n ("max"), or the ⌊(1 − q)(N − 1)⌋-th smallest of the N active ρ_n (0-based) for a quantile q.
-
-    ``active`` (bool, same length) marks the rows in the population (default: all); computed on the device.
-    """
+    """ρ = min_n ρ_n ("max"), or the ⌊(1 − q)(N − 1)⌋-th smallest of the N ``active`` ρ_n (0-based; default: all
+    rows) for a quantile q, on the device."""
     flat = radii.reshape(-1)
     if flat.numel() == 0:
         raise ValueError("cannot aggregate the radii of an empty probe (no rows)")
@@ -90,11 +50,8 @@ def aggregate_radii(radii: Tensor, aggregate: Aggregate = "max", active: Tensor 
 
 
 def _flat_rows(logits: Tensor, slopes: Tensor, labels: Tensor | None) -> tuple[Tensor, Tensor, Tensor | None]:
-    """(N, K) logits and slopes and (N,) labels (shapes checked, no host reads).
-
-    Ignored rows (label IGNORE_INDEX) are neutralized to logits 0 and slopes 0 (a flat row: every bound gives it
-    +inf), so whatever they hold (all −inf action masks, NaN padding) never reaches a bound.
-    """
+    """(N, K) logits and slopes and (N,) labels (shapes checked, no host reads); ignored rows become flat (logits and
+    slopes 0: radius +inf), so whatever they hold (all −inf action masks, NaN padding) never reaches a bound."""
     if logits.shape != slopes.shape or logits.ndim < 2:
         raise ValueError(f"logits {tuple(logits.shape)} and slopes {tuple(slopes.shape)} must share a (..., K) shape")
     k = logits.shape[-1]
@@ -109,34 +66,23 @@ def _flat_rows(logits: Tensor, slopes: Tensor, labels: Tensor | None) -> tuple[T
 
 
 def live_slopes(logits: Tensor, slopes: Tensor, masked: bool | None = None) -> Tensor:
-    """The slopes with every masked class (logit −inf) given the slope of its row's top class, which is live.
-
-    The spread of the result is the spread over live classes, and masked classes keep weight 0 in F(t), so every
-    bound sees exactly the live problem. ``masked=False`` returns the slopes untouched; None looks for −inf.
-    """
+    """The slopes with every masked class (logit −inf) given the slope of its row's live top class: the spread over
+    live classes, so every bound sees the live problem (``masked=False``: untouched; None looks for −inf)."""
     if masked is False or (masked is None and not bool(torch.isneginf(logits).any())):
         return slopes
     top = slopes.gather(-1, logits.argmax(dim=-1, keepdim=True))
     return torch.where(torch.isneginf(logits), top, slopes)
 
 
-def _ignored(labels: Tensor | None) -> Tensor | None:
-    return None if labels is None else labels == IGNORE_INDEX
-
-
-def _drop_ignored(radii: Tensor, ignored: Tensor | None) -> Tensor:
-    return radii if ignored is None else radii.masked_fill(ignored, math.inf)
+def _drop_ignored(radii: Tensor, labels: Tensor | None) -> Tensor:
+    """+inf for the rows whose label is IGNORE_INDEX."""
+    return radii if labels is None else radii.masked_fill(labels == IGNORE_INDEX, math.inf)
 
 
 @runtime_checkable
 class Bound(Protocol):
-    """A radius rule: ``row_radii`` gives ρ_n per row; ``name`` labels reports, ``aggregate`` says how rows combine.
-
-    ``accepts_nonfinite``: True when ``row_radii`` returns NaN radii for non-finite rows instead of raising (the
-    step then evaluates it without screening the probe on the host first). An optional fast path for
-    ``aggregate="max"``, ``min_radius(logits, slopes, labels, *, masked) -> 0-dim float64`` (min over active rows),
-    is used by ``bound_radius`` when the bound defines it.
-    """
+    """A radius rule: ``row_radii`` gives ρ_n per row; ``name`` labels reports, ``aggregate`` says how rows combine,
+    ``accepts_nonfinite`` whether non-finite rows give NaN radii instead of raising (docs/step.md, "Bounds")."""
 
     name: str
     aggregate: Aggregate
@@ -156,12 +102,16 @@ def bound_radius(bound: Bound, logits: Tensor, slopes: Tensor, labels: Tensor | 
     if bound.aggregate == "max" and fast is not None:
         return fast(bound, logits, slopes, labels, masked=masked)
     radii = bound.row_radii(logits, slopes, labels, masked=masked)
-    ignored = _ignored(None if labels is None else labels.reshape(-1))
-    return aggregate_radii(radii, bound.aggregate, None if ignored is None else ~ignored)
+    return aggregate_radii(radii, bound.aggregate, None if labels is None else labels.reshape(-1) != IGNORE_INDEX)
 
 
 class _RowBound:
     """``bound(logits, slopes, labels)``: the aggregated radius (``bound_radius``), for bounds used on their own."""
+
+    aggregate: Aggregate
+
+    def __post_init__(self) -> None:
+        check_aggregate(self.aggregate)
 
     def __call__(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
                  masked: bool | None = None) -> Tensor:
@@ -177,9 +127,6 @@ class Ghost(_RowBound):
     name: str = "ghost"
     accepts_nonfinite: ClassVar[bool] = True  # non-finite rows give NaN radii instead of raising
 
-    def __post_init__(self) -> None:
-        check_aggregate(self.aggregate)
-
     def min_radius(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
                    masked: bool | None = None) -> Tensor:
         """π / max over active rows of Δ_a (a handful of ops: the guard's hot path); NaN propagates."""
@@ -193,24 +140,19 @@ class Ghost(_RowBound):
         z, a, y = _flat_rows(logits, slopes, labels)
         spread = row_spread(live_slopes(z, a, masked))
         radii = torch.where(spread > 0, math.pi / spread, math.inf)
-        return _drop_ignored(torch.where(torch.isfinite(spread), radii, math.nan), _ignored(y))
+        return _drop_ignored(torch.where(torch.isfinite(spread), radii, math.nan), y)
 
 
 @dataclass(frozen=True)
 class Exact(_RowBound):
-    """ρ*_n, the exact convergence radius (modulus of the nearest zero of Σ_k softmax(z)_k e^{a_k t}).
-
-    "max" uses branch and bound over rows (only rows whose lower bound lies below the incumbent are solved);
-    a quantile needs every row's ρ* and costs one exact solve per row.
-    """
+    """ρ*_n, the exact convergence radius (modulus of the nearest zero of Σ_k softmax(z)_k e^{a_k t}); "max" by
+    branch and bound over rows (only rows whose lower bound is below the incumbent are solved), a quantile by one
+    exact solve per row."""
 
     aggregate: Aggregate = "max"
     rtol: float = 1e-8
     name: str = "exact"
     accepts_nonfinite: ClassVar[bool] = False  # the solver validates its rows
-
-    def __post_init__(self) -> None:
-        check_aggregate(self.aggregate)
 
     def min_radius(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
                    masked: bool | None = None) -> Tensor:
@@ -222,7 +164,7 @@ class Exact(_RowBound):
                   masked: bool | None = None) -> Tensor:
         """ρ*_n for every row n, flat (one exact solve per row)."""
         z, a, y = _flat_rows(logits, slopes, labels)
-        return _drop_ignored(exact_radius(z, live_slopes(z, a, masked), self.rtol), _ignored(y))
+        return _drop_ignored(exact_radius(z, live_slopes(z, a, masked), self.rtol), y)
 
 
 @dataclass(frozen=True)
@@ -235,9 +177,6 @@ class Weighted(_RowBound):
     name: str = "weighted"
     accepts_nonfinite: ClassVar[bool] = True  # invalid rows give NaN radii instead of raising
 
-    def __post_init__(self) -> None:
-        check_aggregate(self.aggregate)
-
     def min_radius(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
                    masked: bool | None = None) -> Tensor:
         """min_n R_w(n) over the active rows (ignored rows are flat: R_w = inf)."""
@@ -248,28 +187,14 @@ class Weighted(_RowBound):
                   masked: bool | None = None) -> Tensor:
         """R_w per row, flat; +inf for ignored rows, NaN for rows with non-finite live logits or slopes."""
         z, a, y = _flat_rows(logits, slopes, labels)
-        return _drop_ignored(weighted_radius(z, a, masked=masked), _ignored(y))
+        return _drop_ignored(weighted_radius(z, a, masked=masked), y)
 
 
 @dataclass(frozen=True)
 class Belief(_RowBound):
-    """A belief-space rule pulled back to a step length per row, never beyond a certified radius.
-
-    ρ_n = min(τ_max,n, R_n) (``geometry.belief_radius``). τ_max,n is the rule's admissible belief step pulled back
-    to *first order* (``geometry.belief_step_cap``): ``rule`` (one of ``geometry.simplex.RULES``) and ``backoff``
-    (entropy backoff 1/(1 + α(B))) select η_adm. R_n is a certified lower bound on the row's convergence radius ρ*_n:
-    by default R_w (``geometry.weighted_radius``, weighing classes by probability, never below π/Δ_a), or the row
-    radii of the bound ``certified`` (``Ghost()`` for π/Δ_a, ``Exact()`` for ρ* itself). So ρ_n <= ρ*_n for every
-    rule: a capped step stays inside every probed row's convergence radius, like every other bound. The first-order
-    pull-back alone is not a bound: it can exceed ρ* (the issue-18 rows: inf against ρ* = 1.42), and no belief-space
-    criterion can replace R_n, since a belief move is bounded while the loss is not (docs/belief_support.md §6).
-
-    The default rule, "support", is the step of the energy actually trained (its curvature lives on the label):
-    τ_max = 2/|d log p_c/dτ| times the backoff, to first order at most 2 nats of change in the row's loss, free of
-    the vocabulary size; in belief space it makes the projected step Euclidean-nonexpansive, not contracting. The
-    paper's rule 2·min p²/max p (``Belief(rule="paper")``) freezes a language model. Without labels the predicted
-    class is used: the worst case over one-hot labels for the Fisher rules, the predicted label only for "support".
-    """
+    """ρ_n = min(τ_max,n, R_n) (``geometry.belief_radius``): τ_max,n the belief step of ``rule`` (with the entropy
+    ``backoff``) pulled back to *first order* — not a bound on its own — and R_n a *certified* lower bound on ρ*_n
+    (R_w by default, else the row radii of ``certified``), so ρ_n <= ρ*_n for every rule (docs/step.md, "Bounds")."""
 
     rule: str = "support"
     backoff: bool = True
@@ -282,7 +207,7 @@ class Belief(_RowBound):
     def __post_init__(self) -> None:
         if self.rule not in RULES:
             raise ValueError(f"unknown belief rule {self.rule!r}; valid rules are {RULES}")
-        check_aggregate(self.aggregate)
+        super().__post_init__()
         if self.certified is not None and (isinstance(self.certified, Belief)
                                            or not callable(getattr(self.certified, "row_radii", None))):
             raise ValueError(f"certified must be None (R_w) or a bound with certified row radii (Ghost(), Exact()), "
@@ -292,12 +217,11 @@ class Belief(_RowBound):
                   masked: bool | None = None) -> Tensor:
         """min(τ_max,n, R_n) for every row n, flat (not aggregated); ignored rows get +inf."""
         z, a, y = _flat_rows(logits, slopes, labels)
-        ignored = _ignored(y)
-        label_rows = None if y is None else torch.where(ignored, z.argmax(dim=-1), y)  # a live class, never read
+        label_rows = None if y is None else torch.where(y == IGNORE_INDEX, z.argmax(dim=-1), y)  # a live class, unread
         bound = self.certified
         certified = {} if bound is None else {"certified": lambda zz, aa: bound.row_radii(zz, aa, y, masked=masked)}
         radii = belief_radius(z, live_slopes(z, a, masked), label_rows, self.rule, self.backoff, self.eps, **certified)
-        return _drop_ignored(radii, ignored)
+        return _drop_ignored(radii, y)
 
 
 class Min:
@@ -331,22 +255,13 @@ BoundSpec = Union[str, Bound, Min, Sequence[Union[str, Bound, Min]]]
 
 
 def make_bound(spec: BoundSpec, aggregate: Aggregate | None = None) -> Bound | Min:
-    """A bound from a name ("ghost" | "exact" | "belief"), a Bound, or a list of these (their Min).
-
-    ``aggregate`` applies to bounds given by name; combined with a Bound object it raises ValueError (the object
-    carries its own aggregate: ``Ghost(aggregate=0.9)``).
-    """
+    """A bound from a name (``BOUND_NAMES``), a Bound, or a list of these (their Min); ``aggregate`` applies to
+    bounds given by name (ValueError with a Bound object, which carries its own: ``Ghost(aggregate=0.9)``)."""
     if isinstance(spec, str):
         chosen = "max" if aggregate is None else check_aggregate(aggregate)
-        if spec == "ghost":
-            return Ghost(chosen)
-        if spec == "exact":
-            return Exact(chosen)
-        if spec == "weighted":
-            return Weighted(chosen)
-        if spec == "belief":
-            return Belief(aggregate=chosen)
-        raise ValueError(f"unknown bound {spec!r}; use one of {BOUND_NAMES}, a Bound, or a list of them")
+        if spec not in BOUND_NAMES:
+            raise ValueError(f"unknown bound {spec!r}; use one of {BOUND_NAMES}, a Bound, or a list of them")
+        return {"ghost": Ghost, "weighted": Weighted, "exact": Exact, "belief": Belief}[spec](aggregate=chosen)
     if isinstance(spec, (Min, Bound)):
         if aggregate is not None:
             raise ValueError(f"aggregate={aggregate!r} conflicts with the bound object {spec!r}, which carries its own "
