@@ -1,8 +1,5 @@
-"""SafeStep: the torch.optim adapter over the one functional step (``safestep.step.safe_step``; docs/step.md).
-
-This class holds what torch.optim expects of an optimizer (param_groups, state, hooks, state_dict), the captured
-training call, the run's history and sinks; ``step()`` gathers the trainable parameters, the batch and its labels,
-and calls ``prepare_batch`` then ``safe_step`` — the whole guarded step.
+"""SafeStep: the torch.optim adapter (param_groups, state, hooks, state_dict, the captured training call, history)
+over the one functional step: ``step()`` gathers parameters, batch and labels for ``prepare_batch``, ``safe_step``.
 """
 from __future__ import annotations
 
@@ -18,11 +15,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .bounds import IGNORE_INDEX, Aggregate, BoundSpec
+from .bounds import IGNORE_INDEX, Aggregate, BoundSpec, make_bound
 from .collectives import make_reducer
 from .layout import capture_module, is_sharded, probe_module
-from .probe import (DEFAULT_PROBE_SIZE, CallArgs, InputCapture, Inputs, ProbeSize, as_batch, batch_size,
-                    extract_logits, make_probe, row_scores)
+from .probe import (DEFAULT_PROBE_SIZE, CallArgs, InputCapture, Inputs, ProbeSize, as_batch, extract_logits,
+                    make_probe, row_scores)
 from .step import MODES, RunState, StepConfig, StepTarget, prepare_batch, safe_step
 from .telemetry import History, ReportSink, StepReport
 from .watch import FreezeWatch
@@ -32,37 +29,27 @@ __all__ = ["SafeStep", "MODES", "DEFAULT_PROBE_SIZE"]
 _GROUP_KEYS = {"safestep_steps": 0, "safestep_skipped": 0}
 
 
+def _shared(name: str) -> property:
+    """The inner optimizer's attribute ``name``, read and written through the wrapper."""
+
+    def get(self: "SafeStep") -> Any:
+        return getattr(self.optimizer, name)
+
+    def put(self: "SafeStep", value: Any) -> None:
+        setattr(self.optimizer, name, value)
+
+    return property(get, put, doc=f"The inner optimizer's {name}.")
+
+
 class SafeStep(torch.optim.Optimizer):
-    """Wrap ``optimizer`` so that every applied update has length at most r·ρ (cap) or exactly r·ρ (set).
+    """Wrap ``optimizer`` so that every applied update has length at most r·ρ (cap) or exactly r·ρ (set);
+    ``mode="monitor"`` measures τ, ρ and r = τ/ρ but applies the inner update exactly as an unwrapped optimizer would.
 
-    ``mode="monitor"`` measures τ, ρ and r = τ/ρ of every step but applies the inner optimizer's update exactly
-    as an unwrapped optimizer would (never scaled, skipped or restored): a read-only diagnostic.
-
-    ``model`` is the network whose cross-entropy logits the step must keep analytic; a forward pre-hook
-    captures its latest gradient-recording call (replayed exactly), or pass ``step(inputs=x)``. ``bound`` is
-    "ghost" (π/Δ_a), "exact" (ρ*), "belief" (belief-space admissible step pulled back), a ``Bound`` or a list
-    (their minimum); ``aggregate`` ("max" or a quantile q) applies to bounds given by name. ``method``
-    "auto" | "jvp" | "fd" chooses the slope estimator. ``probe_size`` is the probe's budget: a share of the batch
-    rows (default 1/8), a row count, or None for the whole batch (a full-batch certificate); batches normalized by
-    train-mode BatchNorm are always probed in full. ``probe_select`` chooses the rows: "mixed" (default) half the
-    budget on the rows the training forward's logits rank hardest, half on a stride rotated every step; "score" or
-    "stride" all of it on one rule (docs/probe_budget.md). Labels
-    (``step(labels=...)`` or ``labels_fn(batch)``) equal to ``ignore_index`` mark rows outside the loss.
-    ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's, so schedulers, GradScaler, hooks and
-    checkpoints work unchanged; other public attributes of the inner optimizer (``AdamWScheduleFree.train()``)
-    are reachable through the wrapper.
-
-    **All or nothing.** Everything checkable is checked before the inner step (the batch, the labels' type and
-    batch size, the probe rows; on the first step also the logits, K >= 2, the labels' range and forward-mode AD
-    support). An exception after the inner step (a model or ``logits_fn`` that raises, labels out of range, a
-    sink that cannot write, ...) restores the parameters to θ0 bit for bit and leaves counters, ``last_report``
-    and history as they were; the inner optimizer's state is *not* rolled back — copying it every step would
-    cost two more parameter-sized buffers for Adam — and the exception's note says so.
-
-    Under torch.distributed (``process_group``, default: the default group when initialized) every rank probes
-    its own batch and the radius and skip decisions are reduced across ranks, so every rank applies the same
-    scale. A DDP-wrapped model is probed through its bare ``.module``; sharded (FSDP2 ``fully_shard``)
-    parameters are probed by finite differences through the model's own forward; FSDP1 is refused.
+    ``model``'s latest gradient-recording call is captured and replayed by the probe (or pass ``step(inputs=x)``);
+    the options are README.md's table. ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's, and
+    its other public attributes are reachable through the wrapper. All or nothing: everything checkable is checked
+    before the inner step, and an exception after it restores θ0 bit for bit — but not the inner optimizer's state
+    (docs/step.md). Under torch.distributed (``process_group``) every rank applies the same scale; FSDP1 is refused.
     """
 
     _step_supports_amp_scaling = False  # GradScaler must unscale and check for infs itself, then call step()
@@ -103,8 +90,9 @@ class SafeStep(torch.optim.Optimizer):
         if mode == "monitor" and r is not None:
             raise ValueError("r has no effect in mode='monitor' (the step is measured, never scaled): leave it out, "
                              "or use mode='cap' to apply it")
-        self.config = StepConfig.build(bound, aggregate, mode=mode, r=1.0 if r is None else r, method=method,
-                                       probe_size=probe_size, probe_select=probe_select, ignore_index=ignore_index)
+        self.config = StepConfig(mode=mode, r=1.0 if r is None else r, bound=make_bound(bound, aggregate),
+                                 method=method, probe_size=probe_size, probe_select=probe_select,
+                                 ignore_index=ignore_index)
         for name, fn in (("logits_fn", logits_fn), ("labels_fn", labels_fn)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"{name} must be callable or None, got {type(fn).__name__}")
@@ -147,29 +135,9 @@ class SafeStep(torch.optim.Optimizer):
     sharded = property(lambda self: self.target.sharded, doc="True for FSDP2-sharded parameters.")
 
     # -- the inner optimizer's containers, shared -------------------------------------------------------
-    @property
-    def param_groups(self) -> list[dict[str, Any]]:  # type: ignore[override]
-        return self.optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value: list[dict[str, Any]]) -> None:
-        self.optimizer.param_groups = value
-
-    @property
-    def state(self) -> Any:  # type: ignore[override]
-        return self.optimizer.state
-
-    @state.setter
-    def state(self, value: Any) -> None:
-        self.optimizer.state = value
-
-    @property
-    def defaults(self) -> dict[str, Any]:  # type: ignore[override]
-        return self.optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value: dict[str, Any]) -> None:
-        self.optimizer.defaults = value
+    param_groups = _shared("param_groups")  # type: ignore[assignment]
+    state = _shared("state")  # type: ignore[assignment]
+    defaults = _shared("defaults")  # type: ignore[assignment]
 
     def __getattr__(self, name: str) -> Any:
         """Public attributes of the inner optimizer that torch.optim does not define (``train()``, ``eval()``, ...)."""
@@ -247,12 +215,8 @@ class SafeStep(torch.optim.Optimizer):
 
     def step(self, closure: Callable[[], Any] | None = None, *, inputs: Inputs | None = None,
              labels: Tensor | None = None) -> Any:  # type: ignore[override]
-        """One guarded step; returns the closure's loss (torch convention). The report is ``last_report``.
-
-        The batch is the captured training call (or ``inputs``); the labels are ``labels``, else ``labels_fn`` of
-        the batch (computed once, at the training forward). Nothing changes when validation fails; the report
-        reaches the history and sinks only once the step has committed.
-        """
+        """One guarded step of the captured training call (or ``inputs``) with ``labels``, else ``labels_fn`` of the
+        batch (computed once, at the training forward); returns the closure's loss, the report is ``last_report``."""
         start = time.perf_counter()
         loss = None
         if closure is not None:
@@ -263,13 +227,14 @@ class SafeStep(torch.optim.Optimizer):
         forward_logits, self._forward_logits = self._forward_logits, None
         batch = captured if inputs is None else inputs
         reference = forward_logits[1] if forward_logits is not None and forward_logits[0] is batch else None
-        params = self._trainable()
+        params = [p for group in self.param_groups for p in group["params"]  # the same list on every rank if sharded
+                  if (p.grad is not None or self.sharded) and p.is_floating_point()]
         try:
             if labels is None and self.labels_fn is not None and batch is not None:
-                labels = self._labels_for(batch, forward_labels)
-            fitted = scores if scores is not None and batch is not None and scores.shape[0] == _rows(batch) else None
+                reused = forward_labels is not None and forward_labels[0] is batch
+                labels = forward_labels[1] if reused else self.labels_fn(as_batch(batch))  # type: ignore[index]
             self.run.steps = self.steps
-            plan = prepare_batch(self.config, self.target, self.run, params, batch, labels, fitted, reference)
+            plan = prepare_batch(self.config, self.target, self.run, params, batch, labels, scores, reference)
             with torch.no_grad():
                 report = safe_step(self.optimizer, params, plan, self.config, self.target, self.run, start)
             verdict = self.watch.peek(report)
@@ -295,17 +260,6 @@ class SafeStep(torch.optim.Optimizer):
             warnings.warn(f"safestep: {verdict.warning}", RuntimeWarning, stacklevel=3)
         self.history.append(report)
 
-    def _labels_for(self, batch: Inputs, forward_labels: tuple[CallArgs, Tensor | None] | None) -> Tensor | None:
-        """``labels_fn`` of the batch, reusing what it returned at the training forward for this very call."""
-        if forward_labels is not None and forward_labels[0] is batch:
-            return forward_labels[1]
-        return self.labels_fn(as_batch(batch))  # type: ignore[misc]
-
-    def _trainable(self) -> list[Tensor]:
-        """The parameters this step moves (the same list on every rank when sharded)."""
-        return [p for group in self.param_groups for p in group["params"]
-                if (p.grad is not None or self.sharded) and p.is_floating_point()]
-
     def _row_scores(self, call: CallArgs, output: object) -> Tensor | None:
         """Row scores of a training forward (``probe.row_scores``), with ``labels_fn``'s labels (and, for
         method="reuse", the logits themselves, by reference) kept for the step."""
@@ -324,13 +278,3 @@ class SafeStep(torch.optim.Optimizer):
     def _quiet(self) -> contextlib.AbstractContextManager:
         """The probe's own forwards are not training calls: capture is paused while they run."""
         return self.capture.paused() if self.capture is not None else contextlib.nullcontext()
-
-
-def _rows(batch: Inputs) -> int:
-    """The batch size of ``batch`` (0 when it holds no batched tensor: validation says so later)."""
-    try:
-        return batch_size(batch)
-    except ValueError:
-        return 0
-
-

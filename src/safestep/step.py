@@ -1,15 +1,7 @@
-"""One guarded step as one function (the torch.optim pattern: ``SafeStep.step`` gathers lists, ``safe_step`` steps).
+"""One guarded step as one function: ``prepare_batch`` validates with nothing changed, ``safe_step`` steps.
 
-    prepare_batch  validate the batch, the labels and the probe rows — nothing has changed yet
-    safe_step      snapshot θ0 → inner step → Δθ = θ1 − θ0, τ = ‖Δθ‖ → slopes a = J_z(θ0)·Δθ/τ on the probed rows
-                   → ρ (the bound over rows and ranks) → one host read (the decision) → s = min(1, r·ρ/τ) (cap)
-                   or r·ρ/τ (set) → θ = θ0 + s·Δθ with ‖θ − θ0‖ ≤ r·ρ exactly | restore θ0 → StepReport
-
-Host reads: whether the gradients are finite (none with an optimizer that skips on the device) and the decision;
-bounds that screen their input first (exact, belief) add one, and the weighted bound's search reads a few small
-tensors per bisection. Any exception after the snapshot restores θ0 bit for bit before it propagates. The tensor arithmetic (norms, the
-snapshot, the guarded write) is ``safestep.update``; the bounds are ``safestep.bounds``; the probe is
-``safestep.probe``. Reading one step: this file, then those three.
+snapshot θ0 → inner step → Δθ, τ → slopes on the probed rows → ρ → one host read (the decision) → scale → write
+| restore θ0 → StepReport; the pipeline, its host reads and its rollback are docs/step.md.
 """
 from __future__ import annotations
 
@@ -23,7 +15,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .bounds import IGNORE_INDEX, Aggregate, Bound, BoundSpec, Min, aggregate_radii, bound_radius, leaves, make_bound
+from .bounds import IGNORE_INDEX, Bound, Min, aggregate_radii, bound_radius, leaves, make_bound
 from .collectives import Reducer
 from .layout import local_tensor
 from .probe import (DEFAULT_PROBE_SIZE, METHODS, SELECTIONS, Displacement, Inputs, Probe, ProbeSize, Slopes,
@@ -67,16 +59,6 @@ class StepConfig:
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
             raise ValueError(f"ignore_index must be an int, got {self.ignore_index!r}")
 
-    @classmethod
-    def build(cls, bound: BoundSpec = "ghost", aggregate: Aggregate | None = None, **options: Any) -> "StepConfig":
-        """A config whose bound is given as ``make_bound`` takes it (a name, a Bound, or a list: their minimum)."""
-        return cls(bound=make_bound(bound, aggregate), **options)
-
-    @property
-    def bound_names(self) -> list[str]:
-        """The names of the bound's leaves, in the order ``radius`` reports the binding one."""
-        return [member.name for member in leaves(self.bound)]
-
 
 @dataclass
 class StepTarget:
@@ -112,15 +94,15 @@ class RunState:
 class Batch:
     """A validated step: the probed rows of the batch, their labels (IGNORE_INDEX outside the loss), the number of
     batch rows probed and in the batch, why the rows or method differ from what the options asked for (or ""),
-    the slope estimator and, for "reuse", the training forward's logits of the probed rows."""
+    the slope estimator for this batch and, for "reuse", the training forward's logits z(θ0) of the probed rows."""
 
     inputs: Inputs | None
     labels: Tensor | None
     rows_probed: int
     rows_in_batch: int
     note: str = ""
-    method: str = "auto"  # the slope estimator for this batch (the config's, unless it cannot run here)
-    reference: Tensor | None = None  # z(θ0) of the probed rows from the training forward (method "reuse")
+    method: str = "auto"
+    reference: Tensor | None = None
 
 
 # -- validation: before anything changes ------------------------------------------------------------------------
@@ -129,10 +111,8 @@ def prepare_batch(config: StepConfig, target: StepTarget, state: RunState, param
                   reference: Tensor | None = None) -> Batch:
     """Check the batch and labels and choose the probe rows, with nothing changed yet (ValueError on bad input).
 
-    ``labels``: one class index per logits row, batch first (``config.ignore_index`` marks rows outside the loss);
-    ``scores``: the training forward's row scores (``probe.row_scores``) for the row choice, when they fit the batch;
-    ``reference``: the training forward's logits of this batch (method "reuse"; without them the JVP runs).
-    On the first step the probe is called once on two rows at θ0 to learn K and check the logits and labels.
+    ``scores`` (``probe.row_scores``) and ``reference`` (method "reuse"; else the JVP runs) come from the training
+    forward and are used when they fit the batch; on the first step a preflight learns K and checks the logits.
     """
     if not params:
         return Batch(None, None, 0, 0, method=config.method)
@@ -142,6 +122,7 @@ def prepare_batch(config: StepConfig, target: StepTarget, state: RunState, param
             "enabled) before step(), or pass it explicitly: opt.step(inputs=x) "
             "(a tuple for positional arguments, a dict for keyword arguments)")
     rows_in_batch = batch_size(inputs)
+    scores = scores if scores is not None and scores.shape[0] == rows_in_batch else None
     if rows_in_batch == 0:
         raise ValueError("the batch is empty (0 rows): there is nothing to probe and no update to bound; skip the "
                          "step (do not call step()) for an empty batch")
@@ -220,8 +201,7 @@ def _preflight(config: StepConfig, target: StepTarget, params: Sequence[Tensor],
         picked = labels if coupled else labels.index_select(0, rows.to(labels.device))
         if tuple(picked.shape) != tuple(logits.shape[:-1]):
             raise ValueError(_row_mismatch(tuple(labels.shape), tuple(logits.shape), rows_in_batch))
-        _check_label_range(labels.cpu(), logits.shape[-1],
-                           config.ignore_index)
+        _check_label_range(labels.cpu(), logits.shape[-1], config.ignore_index)
     return Schema(logits.shape[-1], logits.ndim - 1, bool(torch.isneginf(logits).any()))
 
 
@@ -330,7 +310,7 @@ def _measured(params: Sequence[Tensor], live: list[Tensor], theta0: list[Tensor]
             decision = read_decision(step, found, finite)
     _check_decision(decision, slopes.logits.shape[-1], config.ignore_index)
     tau, rho = decision.tau, decision.rho
-    binding = config.bound_names[decision.binding]
+    binding = list(leaves(config.bound))[decision.binding].name
     reason = report.prefix(slopes)
     if not math.isfinite(tau):
         return _uncertified(live, theta0, config, report, tau, binding, slopes, reason + "non-finite update")
@@ -376,8 +356,7 @@ class _Reporter:
 
     def prefix(self, slopes: Slopes) -> str:
         """The notes of the probe and the row choice, as the start of the report's reason."""
-        notes = [n for n in (slopes.note, self.batch.note) if n]
-        return "".join(f"{n}; " for n in notes)
+        return "".join(f"{n}; " for n in (slopes.note, self.batch.note) if n)
 
     def __call__(self, tau: float, rho: float, scale: float, bound: str | None = None, method: str = "none",
                  skipped: bool = False, reason: str = "") -> StepReport:
@@ -410,12 +389,8 @@ def _inner_step(optimizer: torch.optim.Optimizer, finite: Tensor | None) -> None
 # -- ρ over rows and ranks, and the one host read ------------------------------------------------------------------
 @dataclass(frozen=True)
 class Radius:
-    """ρ over the probed rows of every rank, with what the apply decision reads (device tensors, except binding).
-
-    ``flags`` (float64, 3): 1 where some active row of some rank has a NaN or infinite logit, where a label is
-    neither a class index nor IGNORE_INDEX, where a −inf (masked) logit was seen. ``binding``: index of the leaf
-    bound that set ρ (a tensor when there are several). ``tau_range``: (min, max) of τ over ranks, None alone.
-    """
+    """ρ over the probed rows of every rank, the flags (``_row_checks``) of every rank, the index of the leaf that
+    set ρ (a tensor when there are several) and τ's (min, max) over ranks (None alone); device tensors."""
 
     rho: Tensor
     flags: Tensor
@@ -424,8 +399,8 @@ class Radius:
 
 
 def _row_checks(slopes: Slopes, labels: Tensor | None) -> Tensor:
-    """(a non-ignored row has a NaN or +inf logit, a label is invalid, a −inf logit exists) as 0/1 float64 flags,
-    from one min and one max reduction of the logits."""
+    """(an active row has a NaN or infinite logit, a label is neither a class index nor IGNORE_INDEX, a −inf logit
+    exists) as 0/1 float64 flags, from one min and one max reduction of the logits."""
     logits = slopes.logits
     low, high = logits.amin(dim=-1), logits.amax(dim=-1)  # two passes: aminmax is ~5x slower on CPU
     broken = torch.isnan(low) | (high == math.inf) | (high == -math.inf)
@@ -440,13 +415,8 @@ def _row_checks(slopes: Slopes, labels: Tensor | None) -> Tensor:
 
 def radius(bound: Bound | Min, slopes: Slopes, labels: Tensor | None, tau: Tensor, *, masked: bool,
            reducer: Reducer) -> Radius:
-    """ρ = min over the bound's leaves of each leaf's radius, every leaf reduced over ranks on its own.
-
-    "max" leaves: the per-rank radius (``bound_radius``), then MIN over ranks; quantile leaves: the per-row radii
-    of every rank are gathered and the quantile is taken over the global batch. One all_reduce MIN carries the
-    flags, ±τ and the "max" radii. Bounds that validate their input (``accepts_nonfinite`` false: exact, belief)
-    are evaluated only when every row is finite, which costs one host read; the ghost bound needs none.
-    """
+    """ρ = min over the bound's leaves of each leaf's radius, every leaf reduced over ranks on its own (docs/step.md,
+    "Over ranks"); a leaf that validates its input runs only when every row is finite (one host read to know)."""
     flags = _row_checks(slopes, labels)
     members = list(leaves(bound))
     usable = all(m.accepts_nonfinite for m in members) or not bool(flags[:2].any())
