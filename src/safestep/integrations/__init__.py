@@ -1,13 +1,7 @@
-"""Framework integrations (Lightning, Hugging Face, Accelerate): shared, framework-free helpers.
+"""Framework integrations: the shared, framework-free helpers (recipes per framework: docs/integrations.md).
 
-The framework modules ``safestep.integrations.lightning`` and ``safestep.integrations.transformers`` import
-their framework at import time; this package itself imports neither, so ``import safestep`` never does.
-Accelerate needs no module: wrap the optimizer before ``accelerator.prepare`` (under FSDP2, seat it after
-``prepare`` with ``seat_safestep``), reach the guard through the AcceleratedOptimizer with ``unwrap_safestep`` and
-log with ``telemetry.CallbackSink(accelerator.log)``.
-Every metric is derived from a ``StepReport`` (``report_metrics``, defined in ``safestep.telemetry``): τ, ρ,
-r_proposed = τ/ρ (the inner optimizer's step in radius units, before scaling), s, and r_applied = s·τ/ρ (the step
-actually applied, in radius units; at most the guard's r in cap mode).
+Each framework module (``.lightning``, ``.transformers``, ``.olmo_core``, ``.deepspeed``) imports its framework;
+this package imports none, so ``import safestep`` never does. Accelerate needs no module of its own.
 """
 from __future__ import annotations
 
@@ -28,7 +22,7 @@ _MAX_WRAPPER_DEPTH = 8
 
 
 def unwrap_safestep(optimizer: Any) -> SafeStep | None:
-    """The SafeStep inside framework wrappers (Lightning's LightningOptimizer, accelerate's AcceleratedOptimizer), or None.
+    """The SafeStep inside framework wrappers (LightningOptimizer, accelerate's AcceleratedOptimizer), or None.
 
     LightningOptimizer keeps the wrapped optimizer in ``_optimizer`` and fakes its class (it passes
     ``isinstance(·, SafeStep)``), so ``_optimizer`` is followed first; other wrappers expose ``.optimizer``.
@@ -62,11 +56,9 @@ def without_keys(inputs: Inputs, keys: Collection[str]) -> Inputs:
 def seat_safestep(accelerated: Any, model: nn.Module, **safestep_options: Any) -> SafeStep:
     """Put a SafeStep between an already prepared AcceleratedOptimizer and the optimizer it wraps; returns the guard.
 
-    For FSDP2 (``fully_shard``), where ``accelerator.prepare(model, optimizer)`` shards the model and swaps the
-    optimizer's parameters for the shards: the guard must be built on the sharded model, so it is built after
-    ``prepare`` and seated *inside* the AcceleratedOptimizer, which keeps gating ``step()`` on the end of a
-    gradient-accumulation cycle and, under a GradScaler, unscaling before the guard runs. ``model`` is the
-    prepared model; every keyword goes to ``SafeStep``.
+    For FSDP2, where ``prepare`` shards the model: the guard is built on the prepared ``model`` and seated *inside*
+    the AcceleratedOptimizer, which keeps gating ``step()`` on the accumulation cycle (and unscaling under a
+    GradScaler). Every keyword goes to ``SafeStep``.
     """
     inner = getattr(accelerated, "optimizer", None)
     if type(accelerated).__name__ != "AcceleratedOptimizer" or not isinstance(inner, torch.optim.Optimizer):
@@ -82,15 +74,14 @@ def seat_safestep(accelerated: Any, model: nn.Module, **safestep_options: Any) -
 
 
 def interval_metrics(reports: Sequence[StepReport], prefix: str = DEFAULT_PREFIX) -> dict[str, float]:
-    """The last report's metrics plus, over the interval, max r_applied, capped and skipped fractions and the step count."""
+    """The last report's metrics plus, over the interval, max r_applied, capped and skipped fractions, step count."""
     if not reports:
         raise ValueError("interval_metrics needs at least one report")
     metrics = report_metrics(reports[-1], prefix)
-    per_step = [report_metrics(report, prefix) for report in reports]
     count = len(reports)
-    metrics[prefix + "r_applied_max"] = max(m[prefix + "r_applied"] for m in per_step)
-    metrics[prefix + "capped_fraction"] = sum(m[prefix + "capped"] for m in per_step) / count
-    metrics[prefix + "skipped_fraction"] = sum(m[prefix + "skipped"] for m in per_step) / count
+    metrics[prefix + "r_applied_max"] = max(float(report.r_applied) for report in reports)
+    metrics[prefix + "capped_fraction"] = sum(report.capped for report in reports) / count
+    metrics[prefix + "skipped_fraction"] = sum(report.skipped for report in reports) / count
     metrics[prefix + "steps"] = float(count)
     return metrics
 

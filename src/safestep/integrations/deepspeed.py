@@ -1,18 +1,8 @@
-"""DeepSpeed: SafeStep as the engine's client optimizer, for the configurations where the engine steps it directly.
+"""DeepSpeed: SafeStep as the engine's client optimizer, for ZeRO stage 0 in fp32, where the engine steps it directly.
 
-``safestep_initialize(model=model, optimizer=torch.optim.AdamW(...), config=ds_config)`` wraps the optimizer in a
-SafeStep on ``model`` and calls ``deepspeed.initialize`` with it. The engine averages the gradients over the data
-parallel ranks, as DDP does, and calls the guard's ``step()`` once per optimizer step (after its gradient
-accumulation); the engine's forward calls ``model``, whose forward pre-hook captures the batch, and the guard's
-decisions are reduced over the default process group, so every rank applies the same scale.
-
-That holds for ZeRO stage 0 in fp32 only. Every other configuration makes the engine replace the optimizer's
-parameters before stepping it: ZeRO stages 1–3 (``DeepSpeedZeroOptimizer`` / ``DeepSpeedZeroOptimizer_Stage3``)
-flatten them into one fp32 partition per rank and group, and ``fp16`` / ``bf16`` (``FP16_Optimizer``,
-``BF16_Optimizer``) into fp32 master copies; the wrapped optimizer then steps tensors that are not the model's
-parameters, while SafeStep measures the update of the model's parameters and probes the model along it. Those
-configurations are refused before the engine is built (``zero_optimization.stage``, ``fp16.enabled``,
-``bf16.enabled``, an ``optimizer`` section), and after it if the engine wrapped the guard anyway.
+The engine averages the gradients over the ranks and calls the guard's ``step()`` once per optimizer step. ZeRO
+stages 1–3, fp16 and bf16 step the optimizer on flat partitions or master copies instead of the model's
+parameters, so they are refused (docs/integrations.md, "DeepSpeed").
 """
 from __future__ import annotations
 
@@ -64,9 +54,8 @@ def safestep_initialize(*, model: nn.Module, optimizer: torch.optim.Optimizer, c
                         safestep: Mapping[str, Any] | None = None, **initialize_kwargs: Any) -> tuple:
     """``deepspeed.initialize(model=model, optimizer=SafeStep(optimizer, model, **safestep), config=config, ...)``.
 
-    Returns what ``deepspeed.initialize`` returns: ``(engine, guard, training_dataloader, lr_scheduler)``. Raises
-    ValueError (``check_config``) for ZeRO stages 1–3, fp16, bf16 and a config ``optimizer`` section, where the
-    engine would step the optimizer on partitions or master copies instead of the model's parameters.
+    Returns ``(engine, guard, training_dataloader, lr_scheduler)``. Raises ValueError (``check_config``) for ZeRO
+    stages 1–3, fp16, bf16 and a config ``optimizer`` section, and when the engine wrapped the guard anyway.
     """
     check_config(config)
     import deepspeed

@@ -1,15 +1,9 @@
 """PyTorch Lightning: feed the training batch to SafeStep and log its reports through ``pl_module.log``.
 
-Return ``SafeStep(inner, self)`` (or a submodule) from ``configure_optimizers`` and add ``SafeStepCallback()``
-to the Trainer. Lightning wraps the optimizer in a LightningOptimizer and calls ``SafeStep.step(closure)``
-(32-bit and bf16-mixed) or, with a GradScaler (16-mixed), ``scaler.unscale_(safestep)`` after the closure
-and ``scaler.step(safestep)`` without one; both paths run ``on_before_optimizer_step`` after the forward and
-backward and before SafeStep bounds the update, which is where the callback hands over a fallback batch. With
-``accumulate_grad_batches`` the guard steps (and probes the last micro-batch) once per optimizer step.
-
-Lightning Fabric needs no callback: wrap before ``fabric.setup(model, SafeStep(optimizer, model))``; Fabric's
-optimizer wrapper calls the guard's ``step()``. Under a mixed precision Fabric autocasts inside its module wrapper,
-around the guarded module, so pass ``logits_fn=fabric_logits_fn(fabric)`` for the probe to run the same way.
+Return ``SafeStep(inner, self)`` (or a submodule) from ``configure_optimizers`` and add ``SafeStepCallback()``.
+Both of Lightning's step paths (``SafeStep.step(closure)``; ``scaler.step`` under 16-mixed) run
+``on_before_optimizer_step`` after the backward and before the guard, where the callback hands over a fallback
+batch. Fabric needs no callback, only ``fabric_logits_fn`` under a mixed precision (docs/integrations.md).
 """
 from __future__ import annotations
 
@@ -32,12 +26,8 @@ PROGRESS_BAR_KEYS = ("r_applied", "capped")
 
 
 def fabric_logits_fn(fabric: Any, logits_fn: LogitsFn | None = None) -> LogitsFn:
-    """``logits_fn`` (default: call the module, take its logits) run under ``fabric.autocast()``.
-
-    Fabric applies its precision (autocast, and the cast of floating inputs to bf16/fp16) in ``_FabricModule``, the
-    wrapper around the module SafeStep guards: the captured inputs are already cast, and the probe's forward of
-    the bare module must run under the same autocast to see the function being trained.
-    """
+    """``logits_fn`` (default: call the module, take its logits) run under ``fabric.autocast()``: Fabric autocasts
+    in its wrapper around the guarded module, so the probe's forward of the bare module needs the same autocast."""
     inner = default_logits_fn if logits_fn is None else logits_fn
 
     def logits(module: Any, inputs: Inputs) -> Tensor:
@@ -60,15 +50,12 @@ def default_batch_to_inputs(batch: Any) -> Inputs:
 
 
 class SafeStepCallback(pl.Callback):
-    """Feed each training batch to the SafeStep optimizer(s) and log τ, ρ, r_proposed = τ/ρ, s, r_applied = s·τ/ρ, capped, skipped.
+    """Feed each training batch to the SafeStep optimizer(s) and log their reports (``report_metrics``).
 
-    Inputs probed: ``batch_to_inputs(batch)`` when given (passed as ``step(inputs=...)``, so it wins over the
-    forward hook); otherwise the inputs the guard's forward hook captured, and when the hook saw no call
-    (``training_step`` did not call the guarded model, or the guard has ``capture=False``)
-    ``default_batch_to_inputs(batch)``. ``batch_to_labels(batch)``, when given, is passed as ``step(labels=...)``
-    (used by every bound for ignored rows, and by the belief bound for its values). Metrics are logged after each
-    batch that stepped a guard, as ``{prefix}tau`` … (``{prefix}{i}/tau`` … with several guards), on_step only;
-    the progress bar shows ``PROGRESS_BAR_KEYS`` (r_applied and capped) unless ``prog_bar=False``.
+    Inputs probed: ``batch_to_inputs(batch)`` when given (as ``step(inputs=...)``, over the forward hook), else what
+    the forward hook captured, else ``default_batch_to_inputs(batch)``; ``batch_to_labels(batch)`` goes to
+    ``step(labels=...)``. Metrics are logged on_step after each batch that stepped a guard, as ``{prefix}tau`` …
+    (``{prefix}{i}/tau`` … with several guards); the progress bar shows ``PROGRESS_BAR_KEYS`` unless ``prog_bar=False``.
     """
 
     def __init__(self, batch_to_inputs: BatchFn | None = None, batch_to_labels: BatchFn | None = None, *,

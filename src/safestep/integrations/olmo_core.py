@@ -1,20 +1,10 @@
 """OLMo-core: SafeStep as an optimizer config, and its statistics in the OLMo-core Trainer's metrics.
 
-OLMo-core builds the optimizer inside the train module, from an ``OptimConfig``, after the model has been
-parallelized (FSDP2 ``fully_shard``, DDP) — and its own step-skipping guard, ``SkipStepAdamW``, is an optimizer chosen
-by its config. ``SafeStepConfig(optim=AdamWConfig(...))`` follows that convention: it is an ``OptimConfig`` whose
-``build(model)`` builds the inner optimizer from its config (its parameter groups and fixed fields included) and
-wraps it in a ``SafeStep`` on the parallelized model, so the guard sees the FSDP2 shards and reduces its decisions
-over the default process group. ``TransformerTrainModule`` calls the model as ``model(input_ids, labels=...,
-loss_reduction="sum", ...)`` for a loss; ``olmo_logits_fn`` replays that call without the loss options, which returns
-the logits, and ``olmo_labels`` gives each logits row its label (OLMo-core's labels are already shifted). The train
-module calls ``optim.step()`` once per batch, after every micro-batch's backward, so the guard probes the last
-micro-batch. ``SafeStepCallback`` records the guard's report of every step with ``trainer.record_metric``.
-
-OLMo-core saves a checkpoint before the first step, through ``torch.distributed.checkpoint``, whose
-``get_optimizer_state_dict`` initializes an empty optimizer state by calling ``optimizer.step()`` with zero gradients
-and every learning rate set to 0 (``_init_optim_state``), before any batch exists. ``OLMoSafeStep`` hands exactly
-that call to the inner optimizer, which moves nothing, as an unguarded run does.
+OLMo-core builds the optimizer from an ``OptimConfig`` after parallelizing the model, so ``SafeStepConfig`` builds
+the inner config and guards it on the parallelized model (FSDP2 shards included); ``olmo_logits_fn`` and
+``olmo_labels`` replay the train module's call for logits and labels. ``OLMoSafeStep`` lets through the
+zero-learning-rate step by which ``torch.distributed.checkpoint`` initializes the optimizer state (its
+``_init_optim_state``, before any batch) unguarded. Recipe and reasons: docs/integrations.md, "OLMo-core".
 """
 from __future__ import annotations
 
@@ -109,12 +99,8 @@ class SafeStepConfig(OptimConfig):
 
 @dataclass
 class SafeStepCallback(Callback):
-    """Record the guard's report of every optimizer step as trainer metrics (``safestep/tau``, ``/rho``,
-    ``/r_proposed``, ``/scale``, ``/r_applied``, ``/capped``, ``/skipped``).
-
-    Every rank holds the same report (the guard's decisions are reduced across ranks), so the metrics are recorded
-    without a reduction. ``trainer.callbacks["safestep"] = SafeStepCallback()`` or ``TrainerConfig.with_callback``.
-    """
+    """Record the guard's report of every optimizer step as trainer metrics (``report_metrics``), without a
+    reduction: every rank holds the same report. Add it with ``TrainerConfig.with_callback("safestep", ...)``."""
 
     prefix: str = DEFAULT_PREFIX
     enabled: bool = True

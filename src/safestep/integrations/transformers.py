@@ -1,12 +1,7 @@
 """Hugging Face Transformers: SafeStep around a ``Trainer``'s own optimizer and its statistics in the Trainer's logs.
 
-``add_safestep(trainer)`` wraps the optimizer the Trainer builds from its ``TrainingArguments`` (its ``optim=``
-choice and weight-decay parameter groups) and registers ``SafeStepTrainerCallback`` first. accelerate wraps the
-guard in an AcceleratedOptimizer whose ``step()`` calls ``SafeStep.step()`` with no closure (through
-``GradScaler.step`` under fp16), on the optimizer steps only (gradient accumulation steps in between are not
-seen); the Trainer calls ``model(**batch)`` with ``labels`` in the batch, which SafeStep's forward pre-hook
-captures as a dict: ``hf_logits_fn`` takes the logits without computing a loss and ``labels_fn_for(model)``
-gives one label per logits row (shifted by one position for causal LMs).
+The Trainer calls ``model(**batch)`` with ``labels`` in the batch: ``hf_logits_fn`` takes the logits without a loss
+and ``labels_fn_for(model)`` gives one label per logits row. Recipe: docs/integrations.md, "Hugging Face Trainer".
 """
 from __future__ import annotations
 
@@ -35,11 +30,7 @@ def without_label_keys(inputs: Inputs) -> Inputs:
 
 
 def hf_logits_fn(model: nn.Module, inputs: Inputs) -> Tensor:
-    """z = model(**inputs minus label/loss keys).logits: keys in ``NON_INPUT_KEYS`` are dropped, so no loss is computed.
-
-    Dropout (including HF attention dropout read from a layer's ``training`` flag) is switched off by the probe
-    itself, which evaluates the model's deterministic self.
-    """
+    """z = model(**inputs minus ``NON_INPUT_KEYS``).logits: no loss is computed (the probe turns dropout off)."""
     return extract_logits(call_model(model, without_label_keys(inputs)))
 
 
@@ -72,14 +63,8 @@ def labels_fn_for(model: nn.Module) -> Callable[[Inputs], Tensor | None]:
 
 
 class SafeStepTrainerCallback(transformers.TrainerCallback):
-    """Add the guard's statistics since the previous log to every training log of a ``Trainer``.
-
-    Keys (``prefix`` + name): tau, rho, r_proposed = τ/ρ, scale, r_applied = s·τ/ρ, capped, skipped of the latest
-    step, and over the logging interval r_applied_max, capped_fraction, skipped_fraction and steps. They are
-    also written into the matching ``state.log_history`` entry. Reporting integrations (``report_to``) run
-    before callbacks passed to ``Trainer(callbacks=...)``: ``add_safestep`` and ``add_safestep_callback`` insert
-    it first, so that they see the keys.
-    """
+    """Add the guard's statistics since the previous log (``interval_metrics``) to every training log of a
+    ``Trainer`` and to the matching ``state.log_history`` entry; inserted first, so reporters see the keys."""
 
     def __init__(self, prefix: str = DEFAULT_PREFIX, seat: dict[str, Any] | None = None) -> None:
         self.prefix = prefix
@@ -117,20 +102,11 @@ def add_safestep(trainer: transformers.Trainer, *, prefix: str = DEFAULT_PREFIX,
                  **safestep_options: Any) -> SafeStep | None:
     """Guard the Trainer's own optimizer with SafeStep and log the guard's statistics; returns the guard.
 
-    The optimizer is ``trainer.optimizer`` when the Trainer was given one, otherwise the one
-    ``trainer.create_optimizer()`` builds from the ``TrainingArguments``: the ``optim=`` choice, its learning rate
-    and betas, and its parameter groups (``weight_decay`` on weights, 0 on biases and norm weights). The Trainer's
-    scheduler drives the guard's learning rate (the guard shares the optimizer's param_groups; a scheduler the
-    Trainer builds in ``train()`` is built on the guard). ``logits_fn`` defaults to ``hf_logits_fn`` and
-    ``labels_fn`` to ``labels_fn_for(trainer.model)``; every keyword goes to ``SafeStep``. The logging callback is
-    inserted first (``add_safestep_callback(trainer, prefix)``), so reporters (``report_to``) see its keys.
-
-    An FSDP2 Trainer (``fsdp="full_shard"``, ``fsdp_config={"version": 2}``, the default version) shards the model
-    inside ``train()``: the guard is then built there, on the sharded model, by the callback's ``on_train_begin``
-    and seated inside the AcceleratedOptimizer (``seat_safestep``); ``add_safestep`` returns None and
-    ``unwrap_safestep(trainer.optimizer)`` finds the guard once training has begun. Refused: DeepSpeed (its engine
-    steps its own partitioned optimizer, docs/integrations.md), FSDP1 and XLA FSDP, and ``model_init``, which
-    rebuilds model and optimizer in ``train()``.
+    The optimizer is ``trainer.optimizer``, else the one ``trainer.create_optimizer()`` builds from the
+    ``TrainingArguments``. ``logits_fn`` defaults to ``hf_logits_fn`` and ``labels_fn`` to
+    ``labels_fn_for(trainer.model)``; every keyword goes to ``SafeStep``. An FSDP2 Trainer shards the model inside
+    ``train()``: the callback then builds and seats the guard there, and this returns None. Raises ValueError for
+    DeepSpeed, FSDP1, XLA FSDP, ``model_init`` and an optimizer that is already a SafeStep (docs/integrations.md).
     """
     if trainer.is_deepspeed_enabled:
         raise ValueError("add_safestep does not support DeepSpeed Trainers: the DeepSpeed engine steps its own ZeRO "
@@ -143,7 +119,8 @@ def add_safestep(trainer: transformers.Trainer, *, prefix: str = DEFAULT_PREFIX,
         raise ValueError("add_safestep does not support Trainer(model_init=...): train() builds a new model and "
                          "optimizer, and the guard would be dropped")
     if unwrap_safestep(trainer.optimizer) is not None:
-        raise ValueError("the Trainer's optimizer is already a SafeStep; add_safestep_callback(trainer) adds the logging")
+        raise ValueError("the Trainer's optimizer is already a SafeStep; add_safestep_callback(trainer) adds the "
+                         "logging")
     safestep_options.setdefault("logits_fn", hf_logits_fn)
     safestep_options.setdefault("labels_fn", labels_fn_for(trainer.model))
     if trainer.is_fsdp_enabled:
