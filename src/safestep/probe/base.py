@@ -79,13 +79,9 @@ def probe_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def fd_step(theta_norm: Tensor, dtype: torch.dtype, one_sided: bool = False) -> Tensor:
-    """The one finite-difference step rule: h = ε^{1/3}·max(1, ‖θ0‖) (central), ε^{1/2}·max(1, ‖θ0‖) (one-sided), ε the
-    machine epsilon of the probe's dtype.
-
-    ε^{1/3} balances the O(h²) truncation error of a central difference against its O(ε/h) rounding error, ε^{1/2}
-    the O(h) truncation of a one-sided one; the difference is always evaluated in at least float32
-    (``probe_dtype``), so half-precision models get a float32 step instead of a bf16 one.
-    """
+    """The one finite-difference step rule: h = ε^{1/3}·max(1, ‖θ0‖) central (balancing O(h²) truncation against
+    O(ε/h) rounding), ε^{1/2}·max(1, ‖θ0‖) one-sided (O(h) truncation); ε is the machine epsilon of the dtype the
+    difference is evaluated in (``probe_dtype``: float32 for half-precision models)."""
     eps = torch.finfo(probe_dtype(dtype)).eps
     return eps ** (0.5 if one_sided else 1.0 / 3.0) * torch.clamp(theta_norm.to(torch.float64), min=1.0)
 

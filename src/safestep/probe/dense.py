@@ -1,26 +1,12 @@
 """Directional logit derivatives a = J_z(θ0)·v of a model with its parameters substituted functionally.
 
-The probe evaluates the *same function that is trained*, at the parameters it is given, with no side effects:
-
-* parameters are substituted for the duration of the probe's forward only (the module's own tensors are put
-  back untouched, tied parameters are substituted everywhere they appear);
-* batch norms keep their mode: in train mode they use the probe batch's statistics, and their running
-  statistics are cloned inside the probe so the module's buffers never change;
-* the network is probed deterministically: every module except norms and torch's transformer layers is put
-  in eval mode for the duration of the probe (dropout modules, RReLU, and attention dropout that a module reads
-  from its own ``training`` flag), and ``nn.MultiheadAttention`` dropout is set to 0 (a dropout call whose
-  probability ignores ``training`` cannot be seen; the RNG is forked, so even then the training random stream
-  is never consumed);
-* no autograd state is left behind: no ``.grad`` changes, no graph and no open forward-AD level, no reference
-  cycles;
-* the JVP runs with the math attention kernel (flash / memory-efficient kernels have no forward-AD rule);
-* half-precision models (bf16/fp16 parameters) are probed in float32: parameters, floating buffers and floating
-  inputs are upcast for the probe, so the slopes are those of the model's exact-arithmetic function.
-
-Estimators: ``"jvp"`` (forward-mode AD through dual tensors, exact), ``"fd"`` (central difference
-(z(θ0 + hv) − z(θ0 − hv))/2h with the step rule ``fd_step``, logits taken as the midpoint average), ``"auto"``
-(the JVP; when, and only when, an operation has no forward-mode AD rule, finite differences from then on, with a
-warning once and the reason in the slopes' ``note``).
+The probe evaluates the function being trained, with no side effects (README, docs/step.md): parameters (tied ones
+wherever they appear) are substituted for its forward only; batch norms keep their mode, on cloned running
+statistics; every other module is in eval mode and ``nn.MultiheadAttention``'s dropout is 0 (a dropout whose
+probability ignores ``training`` cannot be seen, but the RNG is forked: the training stream is never consumed); no
+autograd state is left behind; half-precision models are probed in float32. ``"jvp"`` is exact (forward-mode AD,
+math attention kernel), ``"fd"`` the central difference with ``fd_step``, ``"auto"`` the JVP until an operation
+has no forward-mode AD rule, then finite differences (a warning once, the reason in the slopes' ``note``).
 """
 from __future__ import annotations
 
@@ -40,10 +26,8 @@ from .inputs import Inputs, LogitsFn, as_batch, default_logits_fn, describe, map
 
 __all__ = ["LogitProbe", "check_logits", "logits_of", "require_forward"]
 
-# Modules kept in their training mode during the probe: eval mode would change the function (norms using batch
-# statistics) or switch torch's transformer layers to fused kernels that have no forward-AD rule. Every other
-# module is put in eval mode (no dropout masks, including attention dropout read from ``self.training``), and
-# nn.MultiheadAttention's dropout probability is zeroed instead.
+# Kept in training mode during the probe: eval mode would change the function (norms using batch statistics) or
+# switch torch's transformer layers to fused kernels that have no forward-AD rule.
 _KEEP_MODE = (_NormBase, nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
               nn.TransformerEncoder, nn.TransformerDecoder)
 _HALF = (torch.bfloat16, torch.float16)
@@ -69,10 +53,6 @@ def logits_of(model: nn.Module, inputs: Inputs, logits_fn: LogitsFn | None) -> T
     return check_logits(logits_fn(model, as_batch(inputs)))
 
 
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _attention_context() -> contextlib.AbstractContextManager:
     try:
         from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -83,12 +63,9 @@ def _attention_context() -> contextlib.AbstractContextManager:
 
 @contextlib.contextmanager
 def _checkpoints_inline() -> Iterator[None]:
-    """Inside the block, ``torch.utils.checkpoint``'s reentrant checkpoints call their function directly.
-
-    A reentrant checkpoint is an autograd.Function without a forward-mode rule: it passes dual tensors through its
-    inputs only, so the tangent of every parameter used inside it is silently dropped. The probe keeps no graph,
-    so there is nothing to recompute: running the function directly is the same function with its tangents.
-    (The patch is process-wide while the block runs: another thread checkpointing meanwhile is not recomputed.)
+    """Inside the block, reentrant checkpoints call their function directly: as an autograd.Function without a
+    forward-mode rule they would drop the tangent of every parameter inside them, and the probe keeps no graph to
+    recompute. (The patch is process-wide while the block runs: another thread's checkpoints are not recomputed.)
     """
     from torch.utils import checkpoint
 
@@ -154,7 +131,6 @@ class LogitProbe:
         except KeyError:
             raise ValueError("a tensor to probe is not a parameter of the probed model") from None
 
-    # -- the two entry points ----------------------------------------------------------------------------------
     def along(self, params: Sequence[Tensor], step: Displacement, inputs: Inputs, method: str,
               reference: Tensor | None = None) -> Slopes:
         """a = J_z(θ0)·Δθ/τ; ``params`` are the live parameters (holding θ1 = θ0 + Δθ), in ``step``'s order.
@@ -206,7 +182,6 @@ class LogitProbe:
 
         return self._measure(params, direction, 1.0, finite_difference, inputs, method)
 
-    # -- estimators ---------------------------------------------------------------------------------------------
     def _measure(self, theta: TensorDict, tangent: TensorDict, tangent_scale: Tensor | float,
                  finite_difference: Callable[[], Slopes], inputs: Inputs, method: str) -> Slopes:
         if method not in METHODS or method == "reuse":
@@ -233,7 +208,7 @@ class LogitProbe:
     def _jvp(self, theta: TensorDict, tangent: TensorDict, tangent_scale: Tensor | float, inputs: Inputs) -> Slopes:
         dtype = self._compute_dtype(theta)
         with _attention_context(), _checkpoints_inline(), forward_ad.dual_level():
-            duals = {n: forward_ad.make_dual(_as(t, dtype), _as(tangent[n], dtype)) for n, t in theta.items()}
+            duals = {n: forward_ad.make_dual(t.to(dtype), tangent[n].to(dtype)) for n, t in theta.items()}
             logits, slopes = forward_ad.unpack_dual(self._logits(duals, inputs, dtype))
         if slopes is None:
             return Slopes(logits, torch.zeros_like(logits), "jvp")
@@ -244,7 +219,6 @@ class LogitProbe:
         """(z(θ0 + hv) − z(θ0 − hv))/2h; ``point(w)`` builds the parameters at θ0 + w·(tangent), one at a time."""
         return central_difference(self._logits(point(weight), inputs), self._logits(point(-weight), inputs), h)
 
-    # -- evaluation -------------------------------------------------------------------------------------------
     def _compute_dtype(self, tensors: TensorDict) -> torch.dtype:
         """The probe dtype: float32 when any probed or model tensor is half precision, else the narrowest dtype."""
         narrowest = min((t.dtype for t in (*tensors.values(), *self._params) if t.is_floating_point()),

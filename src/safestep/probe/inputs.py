@@ -1,10 +1,7 @@
 """The batch a probe replays: model-call forms, capture of the training call, batch size and row subsets.
 
-A captured call is replayed exactly as the model was called (``CallArgs``: ``model(*args, **kwargs)``), so a model
-taking one dict, tuple or list is probed with that one argument. Inputs passed explicitly follow a short
-convention (``call_model``): a tensor ``x`` → ``model(x)``, a tuple/list → ``model(*x)``, a dict → ``model(**x)``,
-``CallArgs`` → ``model(*args, **kwargs)``. Containers nest (dicts, lists, tuples, named tuples); every tensor leaf
-whose leading size is the batch size B is a batched input.
+A captured call is replayed exactly as the model was called (``CallArgs``); explicit inputs follow ``call_model``.
+Containers nest (dicts, lists, tuples, named tuples); every tensor leaf of leading size B is a batched input.
 """
 from __future__ import annotations
 
@@ -15,23 +12,9 @@ from typing import Any, NamedTuple, Union
 import torch
 from torch import Tensor, nn
 
-__all__ = [
-    "CallArgs",
-    "Inputs",
-    "LogitsFn",
-    "call_model",
-    "extract_logits",
-    "describe",
-    "default_logits_fn",
-    "as_batch",
-    "tensor_leaves",
-    "map_tensors",
-    "batch_size",
-    "shared_leaves",
-    "take_rows",
-    "Scorer",
-    "InputCapture",
-]
+__all__ = ["CallArgs", "Inputs", "LogitsFn", "call_model", "extract_logits", "describe", "default_logits_fn",
+           "as_batch", "tensor_leaves", "map_tensors", "batch_size", "shared_leaves", "take_rows", "Scorer",
+           "InputCapture"]
 
 
 class CallArgs(NamedTuple):
@@ -104,14 +87,7 @@ def as_batch(inputs: Inputs) -> Any:
 
 def tensor_leaves(inputs: Any) -> Iterator[Tensor]:
     """Every tensor inside (nested dicts, lists, tuples, named tuples, CallArgs), depth first, in order."""
-    if isinstance(inputs, Tensor):
-        yield inputs
-    elif isinstance(inputs, Mapping):
-        for value in inputs.values():
-            yield from tensor_leaves(value)
-    elif isinstance(inputs, (tuple, list)):
-        for value in inputs:
-            yield from tensor_leaves(value)
+    return (leaf for _, leaf in _leaf_paths(inputs))
 
 
 def map_tensors(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:

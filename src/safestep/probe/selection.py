@@ -1,24 +1,9 @@
 """Which batch rows a probe measures: a fixed share of the batch, spent on the rows most likely to set the radius.
 
-The probe's cost grows with the number of batch rows it runs (samples, or whole sequences for (B, T, V) logits:
-a causal model's body needs every earlier position). A budget is therefore a share of the batch
-(``probe_size=0.125``: ⌈B/8⌉ rows), a row count, or None for the whole batch.
-
-Within the budget (``probe_select``), "score" takes the rows ranked highest by a score the training forward already
-gives, "stride" a stride whose offset rotates with the step count, and "mixed" (the default) half of each: the
-score finds the rows that set the radius on transformers and language models, the stride covers the models where
-the score misleads (docs/probe_budget.md has the measurements). The score, from the training forward's logits z
-(captured by a forward hook, no extra forward), is
-
-* with labels y (``labels_fn``): the row's cross-entropy log Σ_k e^{z_k} − z_y — above ``SMALL_VOCABULARY``
-  classes its lower bound z_max − z_y (within log K of it; one max pass instead of an exponential of every
-  logit, which costs as much as a tenth of a language model's step on a CPU);
-* without: the negative top-2 margin −(z_(1) − z_(2)), how close the prediction is to flipping (above
-  ``SMALL_VOCABULARY`` classes no score: the stride alone).
-
-For (B, T, V) logits a sequence's score is the largest over its positions (ignored positions excluded). Without a
-score (the model's output holds no logits) every row comes from the stride. The choice is a deterministic function
-of the batch, the model and the step count: a resumed run probes the same rows.
+A budget (``probe_size``) is a share of the batch rows, a row count, or None for the whole batch; ``probe_select``
+spends it on the rows a score from the training forward's logits ranks highest ("score"), on a stride rotating
+with the step count ("stride"), or half of each ("mixed"). The choice is a deterministic function of the batch, the
+model and the step count. What each choice costs and certifies: docs/probe_budget.md.
 """
 from __future__ import annotations
 
@@ -44,15 +29,9 @@ SMALL_VOCABULARY = 4096  # above, scores use one max pass over the logits instea
 
 def check_probe_size(probe_size: object) -> int | float | None:
     """``probe_size`` if it is None, a positive int (rows) or a float share in (0, 1]; ValueError otherwise."""
-    if probe_size is None:
-        return None
-    if isinstance(probe_size, bool) or not isinstance(probe_size, (int, float)):
-        raise ValueError(f"probe_size must be a positive int (rows), a share of the batch in (0, 1], or None (the whole "
-                         f"batch), got {probe_size!r}")
-    if isinstance(probe_size, int) and probe_size >= 1:
-        return probe_size
-    if isinstance(probe_size, float) and 0.0 < probe_size <= 1.0:
-        return probe_size
+    rows = isinstance(probe_size, int) and not isinstance(probe_size, bool) and probe_size >= 1
+    if probe_size is None or rows or (isinstance(probe_size, float) and 0.0 < probe_size <= 1.0):
+        return probe_size  # type: ignore[return-value]
     raise ValueError(f"probe_size must be a positive int (rows), a share of the batch in (0, 1], or None (the whole "
                      f"batch), got {probe_size!r}")
 
@@ -68,10 +47,10 @@ def probe_count(batch: int, probe_size: int | float | None) -> int:
 
 @torch.no_grad()
 def row_scores(logits: Tensor, labels: Tensor | None = None) -> Tensor | None:
-    """One score per batch row (leading dimension): higher = more likely to set the radius (see the module doc).
-
-    None for K > SMALL_VOCABULARY without labels (the top-2 margin would cost several passes over the logits).
-    """
+    """One score per batch row (leading dimension), higher = more likely to set the radius: with labels the row's
+    cross-entropy log Σ e^z − z_y (above SMALL_VOCABULARY classes its lower bound z_max − z_y, one max pass), without
+    them the negative top-2 margin −(z_(1) − z_(2)), or None above SMALL_VOCABULARY classes. A (B, T, V) row scores
+    its largest position, ignored positions excluded."""
     z = logits.detach()
     small = z.shape[-1] <= SMALL_VOCABULARY
     if labels is None:
