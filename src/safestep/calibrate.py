@@ -1,19 +1,7 @@
-"""calibrate: which ``r`` and which probe budget, read from a short monitor-mode run of your own training.
-
-``calibrate(target)`` trains ``target`` for a short run in three phases, on the user's own model, optimizer and
-batches: a few plain steps (the baseline's seconds per step); ``steps`` steps under ``SafeStep(mode="monitor")``
-with the default probe (τ, ρ and r_proposed = τ/ρ per step, the update left exactly as the optimizer made it), of
-which ``compare`` evenly spaced steps are measured twice, by the default probe and by a whole-batch probe, along
-the same update; and a few steps with the whole-batch probe alone (its seconds per step). ``calibrate_history``
-reads the same statistics, as far as it holds them, from a history any integration wrote (``JSONLSink``,
-``CSVSink``, ``History.to_jsonl``).
-
-The result (``Calibration``) gives the quantiles of r_proposed, the share of steps each candidate r would cap,
-how far the default probe's ρ sits above the whole batch's, the seconds per step of each configuration, a
-``Recommendation`` read by an explicit ``Rule`` and one figure (``Calibration.figure``). docs/calibrate.md has the
-rule and measured outputs.
-
-The library never imports a training script: ``load_target("train.py:calibration_target")`` does, for the CLI.
+"""calibrate: which ``r`` and which probe budget, read from a short monitor-mode run of your own training
+(``calibrate``) or from a history any integration wrote (``calibrate_history``): quantiles of r_proposed = τ/ρ, cap
+shares, the default probe against the whole batch, seconds per step, and a ``Recommendation`` read by an explicit
+``Rule`` (docs/calibrate.md). The library never imports a training script: ``load_target`` does, for the CLI.
 """
 from __future__ import annotations
 
@@ -22,7 +10,8 @@ import math
 import runpy
 import statistics
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +20,7 @@ import torch
 from torch import nn
 
 from .guard import SafeStep
+from .lr_finder import _check_int, _standalone_figure
 from .probe.selection import ProbeSize
 from .telemetry import StepReport, read_reports
 
@@ -51,13 +41,9 @@ Progress = Callable[[str, int, int], None]
 
 @dataclass(frozen=True)
 class CalibrationTarget:
-    """The user's training, as calibrate runs it.
-
-    ``train_step(optimizer)`` is one optimizer step of the training loop — zero the gradients, the forward(s) on the
-    next batch, backward, ``optimizer.step()`` — stepping the optimizer it is given (calibrate passes the plain
-    ``optimizer`` or a monitoring SafeStep around it). ``options`` are SafeStep keyword options the model needs
-    (``logits_fn``, ``labels_fn``, ``bound``, ``ignore_index``, ...); ``mode``, ``r`` and ``probe_size`` are
-    calibrate's.
+    """The user's training: ``train_step(optimizer)`` is one step of the loop (zero the gradients, forward(s) on the
+    next batch, backward, ``optimizer.step()``) on the optimizer it is given (the plain ``optimizer`` or a monitoring
+    SafeStep around it); ``options`` are SafeStep keyword options the model needs (``logits_fn``, ``labels_fn``, ...).
     """
 
     model: nn.Module
@@ -79,15 +65,10 @@ class CalibrationTarget:
 
 @dataclass(frozen=True)
 class Rule:
-    """How the recommendation is read (docs/calibrate.md).
-
-    * **r**: the smallest candidate r whose cap would fire on at most ``max_cap_share`` of the run's steps (the
-      cap then shortens only the rare outsized step of calm training); the largest candidate when none does,
-      with the advice to lower the learning rate.
-    * **probe**: the whole batch (``probe_size=None``) when on some compared step the default probe's ρ exceeds
-      the whole batch's by more than ``max_overstatement``× (the default probe then certifies far less than the
-      batch), or when the whole-batch probe costs at most ``cheap_ratio``× the default probe's seconds per step;
-      else the default.
+    """How the recommendation is read (docs/calibrate.md, "The rule"): **r** is the smallest candidate that would cap
+    at most ``max_cap_share`` of the steps (else the largest, with the advice to lower the LR); **probe** is the whole
+    batch when on a compared step the default probe's ρ exceeds the whole batch's by more than ``max_overstatement``×
+    or when the whole batch costs at most ``cheap_ratio``× the default probe's seconds per step, else the default.
     """
 
     max_cap_share: float = 0.05
@@ -210,8 +191,7 @@ class Calibration:
 
     def _rule_shares(self, probe: ProbeSize, measured: bool) -> tuple[float, dict[float, float]]:
         """(the factor applied to r_proposed, the cap share of each candidate r): with the whole batch chosen, each
-        step's whole-batch r is estimated as r_proposed × the median overstatement (the long sample is the default
-        probe's)."""
+        step's whole-batch r is estimated as r_proposed × the median overstatement."""
         scale = 1.0
         if measured and probe is None and not math.isnan(self.median_overstatement):
             scale = self.median_overstatement
@@ -219,24 +199,22 @@ class Calibration:
         return scale, {r: sum(v * scale > r for v in self.r_probe) / count for r in self.radii}
 
     def _probe_choice(self) -> tuple[ProbeSize, bool, list[str]]:
+        """(the probe the rule picks, whether the probes were compared, the reasons)."""
         if not self.comparisons:
-            covered = f"{self.rows_probed} of {self.rows_in_batch} rows" if self.rows_in_batch else \
-                f"{self.rows_probed} rows"
-            return DEFAULT_PROBE, False, [(f"probe: not compared (the source holds one probe per step, {covered}); "
-                                           "run calibrate on a training script to compare with the whole batch")]
-        worst = self.max_overstatement
+            covered = f"{self.rows_probed}" + (f" of {self.rows_in_batch}" if self.rows_in_batch else "") + " rows"
+            return DEFAULT_PROBE, False, [f"probe: not compared (the source holds one probe per step, {covered}); "
+                                          "run calibrate on a training script to compare with the whole batch"]
+        worst, limit = self.max_overstatement, self.rule.max_overstatement
         cost = _ratio(self.seconds.get("whole batch"), self.seconds.get("default probe"))
-        if worst > self.rule.max_overstatement:
-            why = (f"probe_size=None: on a compared step the default probe's ρ was {worst:.2f}× the whole batch's "
-                   f"(> {self.rule.max_overstatement:g}×)")
-            return None, True, [why]
+        if worst > limit:
+            return None, True, [f"probe_size=None: on a compared step the default probe's ρ was {worst:.2f}× the whole "
+                                f"batch's (> {limit:g}×)"]
         if cost <= self.rule.cheap_ratio:
-            why = (f"probe_size=None: the whole batch costs {cost:.2f}× the default probe per step "
-                   f"(≤ {self.rule.cheap_ratio:g}×), and certifies every row")
-            return None, True, [why]
-        why = (f"probe_size={DEFAULT_PROBE!r} (the default): its ρ stayed within {worst:.2f}× of the whole batch's "
-               f"(≤ {self.rule.max_overstatement:g}×), at {1 / cost if cost else math.nan:.2f}× the whole batch's cost")
-        return DEFAULT_PROBE, True, [why]
+            return None, True, [f"probe_size=None: the whole batch costs {cost:.2f}× the default probe per step "
+                                f"(≤ {self.rule.cheap_ratio:g}×), and certifies every row"]
+        share = 1 / cost if cost else math.nan
+        return DEFAULT_PROBE, True, [f"probe_size={DEFAULT_PROBE!r} (the default): its ρ stayed within {worst:.2f}× "
+                                     f"of the whole batch's (≤ {limit:g}×), at {share:.2f}× the whole batch's cost"]
 
     def summary(self) -> str:
         """A plain-text report: quantiles, cap shares, the probe comparison, seconds per step, the recommendation."""
@@ -244,8 +222,7 @@ class Calibration:
                  + (f" ({self.unmeasured} without a finite r)" if self.unmeasured else "")
                  + (f", probe {self.rows_probed} of {self.rows_in_batch} batch rows" if self.rows_in_batch else ""),
                  ""]
-        header = "r_proposed quantiles    " + "  ".join(f"{_q_label(q):>7}" for q in QUANTILES)
-        lines.append(header)
+        lines.append("r_proposed quantiles    " + "  ".join(f"{_q_label(q):>7}" for q in QUANTILES))
         rows = [("default probe", False)] + ([("whole batch", True)] if self.r_batch else [])
         for label, batch in rows:
             values = "  ".join(f"{v:7.3g}" for v in self.quantiles(batch).values())
@@ -272,12 +249,7 @@ class Calibration:
     def figure(self) -> Figure:
         """One standalone Figure (no pyplot): the share of steps above each r (the cap share, candidates marked),
         ρ_probe/ρ_batch per compared step, and seconds per step by configuration. Needs matplotlib."""
-        try:
-            from matplotlib.figure import Figure
-        except ModuleNotFoundError as error:
-            raise ModuleNotFoundError("the figure needs matplotlib: pip install 'safestep[plot]'",
-                                      name=error.name) from error
-        figure = Figure(figsize=(13, 4.2), layout="constrained")
+        figure = _standalone_figure(figsize=(13, 4.2), layout="constrained")
         share_ax, ratio_ax, time_ax = figure.subplots(1, 3, gridspec_kw={"width_ratios": [1.4, 1, 1]})
         recommendation = self.recommendation
         self._draw_shares(share_ax, recommendation)
@@ -301,10 +273,8 @@ class Calibration:
                     ha="right", va="top", fontsize="small", transform=ax.get_xaxis_transform())
         ax.axhline(self.rule.max_cap_share, color="0.5", linestyle="--", linewidth=0.8,
                    label=f"rule: at most {self.rule.max_cap_share:.0%} capped")
-        ax.set_xscale("log")
-        ax.set_xlabel("r = τ/ρ (proposed step in radius units)")
-        ax.set_ylabel("share of steps with r_proposed > r")
-        ax.set_title("how often a cap at r would fire")
+        ax.set(xscale="log", xlabel="r = τ/ρ (proposed step in radius units)",
+               ylabel="share of steps with r_proposed > r", title="how often a cap at r would fire")
         ax.legend(fontsize="small")
 
     def _draw_ratios(self, ax: Any) -> None:
@@ -317,33 +287,27 @@ class Calibration:
         ax.axhline(1.0, color="0.6", linewidth=0.8)
         ax.axhline(self.rule.max_overstatement, color="tab:red", linestyle="--", linewidth=0.8,
                    label=f"rule: whole batch above {self.rule.max_overstatement:g}x")
-        ax.set_xlabel("step")
-        ax.set_ylabel("ρ default probe / ρ whole batch")
-        ax.set_title("what the default probe overstates")
+        ax.set(xlabel="step", ylabel="ρ default probe / ρ whole batch", title="what the default probe overstates")
         ax.legend(fontsize="small")
 
     def _draw_seconds(self, ax: Any) -> None:
         names = list(self.seconds)
         ax.bar(names, [self.seconds[name] * 1e3 for name in names], color="tab:gray")
-        ax.set_ylabel(f"ms per {self.seconds_kind} (median)")
-        ax.set_title("cost of each configuration")
+        ax.set(ylabel=f"ms per {self.seconds_kind} (median)", title="cost of each configuration")
         ax.tick_params(axis="x", labelsize="small")
 
 
 def calibrate(target: CalibrationTarget | Callable[[], Any], *, steps: int = 100, compare: int = 5,
               timing_steps: int = 5, radii: Sequence[float] = CANDIDATE_RADII, rule: Rule | None = None,
               progress: Progress | None = None) -> Calibration:
-    """Calibrate r and the probe on a short run of ``target`` (a CalibrationTarget, or a function returning one).
-
-    Runs ``timing_steps`` plain steps, ``steps`` monitored steps with the default probe (``compare`` of them,
-    evenly spaced after the first, also measured with the whole batch along the same update) and ``timing_steps``
-    monitored steps with the whole-batch probe: ``2·timing_steps + steps`` training steps in all, each an ordinary
-    step of the user's optimizer (monitor mode never changes an update). The model and optimizer are left trained
-    by those steps; the guards' forward hooks and parameter-group keys are removed.
+    """Calibrate r and the probe on ``2·timing_steps + 2 + steps`` ordinary training steps of ``target`` (a
+    CalibrationTarget, or a function returning one): plain, monitored with the default probe (``compare`` of them also
+    with the whole batch, along the same update) and with the whole-batch probe (docs/calibrate.md). Monitor mode
+    never changes an update: the model and optimizer are left trained by those steps; the guards' forward hooks and
+    parameter-group keys are removed.
     """
     for name, value, low in (("steps", steps, 1), ("compare", compare, 0), ("timing_steps", timing_steps, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+        _check_int(name, value, low)
     if compare >= steps:
         raise ValueError(f"compare ({compare}) must be smaller than steps ({steps}): the first step is never compared")
     radii = _checked_radii(radii)
@@ -356,18 +320,18 @@ def calibrate(target: CalibrationTarget | Callable[[], Any], *, steps: int = 100
         default_seconds, probe_reports, comparisons = run.monitored(steps, compare)
         batch_seconds, batch_reports = run.whole_batch(timing_steps)
     finally:
-        run.close()
         for group, known in zip(target.optimizer.param_groups, keys):
             for key in set(group) - known:
                 del group[key]
     r_probe, unmeasured = _finite_r(probe_reports)
-    r_batch, _ = _finite_r(batch_reports + [report for _, report in run.batch_reports])
+    r_batch, _ = _finite_r(batch_reports + run.batch_reports)
     last = probe_reports[-1]
+    source = f"{type(target.model).__name__} with {type(target.optimizer).__name__}"
     return Calibration(
-        source=_describe(target), r_probe=r_probe, r_batch=r_batch, comparisons=tuple(comparisons),
+        source=source, r_probe=r_probe, r_batch=r_batch, comparisons=tuple(comparisons),
         seconds={"plain": plain, "default probe": default_seconds, "whole batch": batch_seconds},
         rows_probed=last.rows_probed, rows_in_batch=last.rows_in_batch, unmeasured=unmeasured, radii=radii,
-        rule=rule or Rule(), seconds_kind="training step")
+        rule=rule or Rule())
 
 
 def calibrate_history(history: str | Path | Iterable[StepReport], *, radii: Sequence[float] = CANDIDATE_RADII,
@@ -447,27 +411,18 @@ class _Run:
     def __init__(self, target: CalibrationTarget, progress: Progress | None) -> None:
         self.target = target
         self.progress = progress
-        self.guards: list[SafeStep] = []
-        self.batch_reports: list[tuple[int, StepReport]] = []
+        self.batch_reports: list[StepReport] = []
 
-    def guard(self, optimizer: torch.optim.Optimizer, probe_size: ProbeSize) -> SafeStep:
-        """A monitoring SafeStep (its forward hooks are removed by ``close`` or ``release``)."""
+    @contextmanager
+    def guard(self, optimizer: torch.optim.Optimizer, probe_size: ProbeSize) -> Iterator[SafeStep]:
+        """A monitoring SafeStep; its forward hooks are removed on leaving, so it costs the other phases nothing."""
         guard = SafeStep(optimizer, self.target.model, mode="monitor", probe_size=probe_size, history=None,
                          **dict(self.target.options))
-        self.guards.append(guard)
-        return guard
-
-    def release(self, guard: SafeStep) -> None:
-        """Remove ``guard``'s forward hooks, so that it no longer costs the other phases anything."""
-        if guard in self.guards:
-            self.guards.remove(guard)
+        try:
+            yield guard
+        finally:
             if guard.capture is not None:
                 guard.capture.remove()
-
-    def close(self) -> None:
-        """Release every guard."""
-        for guard in list(self.guards):
-            self.release(guard)
 
     def _step(self, optimizer: torch.optim.Optimizer, phase: str, done: int, total: int) -> float:
         """Seconds of one ``train_step``; with a guard, checks that the step stepped it exactly once."""
@@ -489,33 +444,28 @@ class _Run:
 
     def monitored(self, steps: int, compare: int) -> tuple[float, list[StepReport], list[ProbeComparison]]:
         """``steps`` steps with the default probe; ``compare`` of them also with the whole batch (untimed)."""
-        guard = self.guard(self.target.optimizer, DEFAULT_PROBE)
         chosen = {round(1 + i * (steps - 1) / compare) for i in range(compare)} if compare else set()
         seconds, reports, comparisons = [], [], []
-        for i in range(steps):
-            if i in chosen:
-                outer = self.guard(_Relay(guard), None)
-                self._step(outer, "default probe vs whole batch", i, steps)
-                self.release(outer)
-                inner, whole = guard.last_report, outer.last_report
-                comparisons.append(ProbeComparison(inner.step, inner.rho, whole.rho, inner.rows_probed,
-                                                   whole.rows_probed))
-                self.batch_reports.append((inner.step, whole))
-            else:
-                elapsed = self._step(guard, "default probe", i, steps)
-                if i > 0:
-                    seconds.append(elapsed)
-            reports.append(guard.last_report)
-        self.release(guard)
+        with self.guard(self.target.optimizer, DEFAULT_PROBE) as guard:
+            for i in range(steps):
+                if i in chosen:
+                    with self.guard(_Relay(guard), None) as outer:
+                        self._step(outer, "default probe vs whole batch", i, steps)
+                    inner, whole = guard.last_report, outer.last_report
+                    comparisons.append(ProbeComparison(inner.step, inner.rho, whole.rho, inner.rows_probed,
+                                                       whole.rows_probed))
+                    self.batch_reports.append(whole)
+                else:
+                    elapsed = self._step(guard, "default probe", i, steps)
+                    if i > 0:
+                        seconds.append(elapsed)
+                reports.append(guard.last_report)
         return (statistics.median(seconds) if seconds else math.nan), reports, comparisons
 
     def whole_batch(self, count: int) -> tuple[float, list[StepReport]]:
         """Seconds per step and reports of ``count`` steps probing the whole batch (after one untimed step)."""
-        guard = self.guard(self.target.optimizer, None)
-        seconds = self.timed("whole batch", count, guard)
-        reports = list(guard.history)
-        self.release(guard)
-        return seconds, reports
+        with self.guard(self.target.optimizer, None) as guard:
+            return self.timed("whole batch", count, guard), list(guard.history)
 
 
 def _as_target(value: Any) -> CalibrationTarget:
@@ -565,7 +515,3 @@ def _ratio(numerator: float | None, denominator: float | None) -> float:
 
 def _listed(values: Sequence[float]) -> str:
     return "{" + ", ".join(f"{v:g}" for v in values) + "}"
-
-
-def _describe(target: CalibrationTarget) -> str:
-    return f"{type(target.model).__name__} with {type(target.optimizer).__name__}"

@@ -1,17 +1,8 @@
-"""find_lr: the largest base learning rate λ whose warm-up steps all keep r = τ/ρ ≤ 1 (docs/geometry.md, docs/step.md).
+"""find_lr: the largest base learning rate λ whose warm-up steps all keep r = τ/ρ ≤ 1, searched in rounds.
 
-For an optimizer whose update is linear in the learning rate given its state — SGD (with or without momentum,
-Nesterov, weight decay), Adam/AdamW, NAdam, RAdam, RMSprop, Adagrad: Δθ = λ·u — the step at LR λ has length
-τ = λ‖u‖ along a direction that does not depend on λ, so its radius ρ does not either and r = λ‖u‖/ρ. One
-measured step at λ therefore gives the largest LR that step could have used: lr_safe = λ·ρ/τ = λ/r.
-
-That reading holds along the trajectory that was trained; training at another LR changes the trajectory. So the
-finder runs *rounds*: each round restores the initial model and optimizer, re-seeds, trains ``num_steps`` plain
-steps at a constant λ_k (the SafeStep guard only measures) and records (τ, ρ, r, lr_safe) per step. The next LR is
-λ_{k+1} = min_t lr_safe_t = λ_k / max_t r_t (exact if the trajectory did not depend on λ), kept inside the
-bracket (largest verified λ, smallest failed λ) by a geometric mean when it leaves it. A round is *verified*
-when every one of its steps had r ≤ 1. The suggestion is the largest verified λ: training at it on the same
-batches (same seed and loader order) keeps r ≤ 1 on every warm-up step — measured, not extrapolated.
+For an update linear in the LR (Δθ = λ·u: SGD, Adam/AdamW, ...) one measured step gives lr_safe = λ·ρ/τ = λ/r;
+each round trains at one λ from the initial state, and the suggestion is the largest λ whose round measured r ≤ 1
+on every step (docs/lr_finder.md).
 """
 from __future__ import annotations
 
@@ -19,7 +10,7 @@ import copy
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +19,9 @@ from torch import Tensor, nn
 from .bounds import Aggregate, BoundSpec
 from .guard import SafeStep
 from .probe import Inputs, LogitsFn, ProbeSize, default_logits_fn
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["LRStep", "LRRound", "LRFinderResult", "find_lr", "cross_entropy"]
 
@@ -113,12 +107,8 @@ class LRFinderResult:
 
     @property
     def schedule(self) -> list[float]:
-        """A per-step LR schedule: min of lr_safe over a centered window of ``window`` steps (a floor of the noise).
-
-        It is read along the trajectory trained at the suggestion; a schedule that trains faster leaves that
-        trajectory, so treat it as the shape of the headroom (how much more LR the later warm-up steps tolerate),
-        and verify it — e.g. by training with SafeStep(mode="cap") and watching how often it caps.
-        """
+        """min of lr_safe over a centered window of ``window`` steps: the shape of the headroom along the trajectory
+        trained at the suggestion, not a certificate (docs/lr_finder.md)."""
         return rolling_min(self.lr_safe, self.window)
 
     def plot(self, ax: Any = None) -> Any:
@@ -131,13 +121,8 @@ class LRFinderResult:
                     linewidth=2.2 if rnd is best else 1.0, alpha=1.0 if rnd is best else 0.55,
                     label=f"round {k}: lr={rnd.lr:.3g}, max r={rnd.max_r:.3g}{mark}")
         ax.axhline(1.0, color="black", linestyle="--", linewidth=1.2, label="r = 1 (radius of convergence)")
-        ax.set_yscale("log")
-        ax.set_xlabel("warm-up step")
-        ax.set_ylabel("r = τ/ρ (normalized step)")
-        ax.set_title(f"safe LR search: suggestion {self.suggestion:.3g}" + ("" if self.verified else " (unverified)"))
-        ax.legend(fontsize="small")
-        ax.grid(True, which="both", alpha=0.3)
-        return ax
+        title = f"safe LR search: suggestion {self.suggestion:.3g}" + ("" if self.verified else " (unverified)")
+        return _finish(ax, "r = τ/ρ (normalized step)", title)
 
     def plot_schedule(self, ax: Any = None) -> Any:
         """lr_safe_t per warm-up step (log y), the windowed-min schedule and the suggestion; returns the Axes."""
@@ -148,19 +133,12 @@ class LRFinderResult:
         ax.plot(steps, [_positive(v) for v in self.schedule], color="tab:blue", linewidth=2.0,
                 label=f"schedule (min over {self.window} steps)")
         ax.axhline(self.suggestion, color="tab:green", linewidth=1.5, label=f"suggestion {self.suggestion:.3g}")
-        ax.set_yscale("log")
-        ax.set_xlabel("warm-up step")
-        ax.set_ylabel("base learning rate")
-        ax.set_title("largest LR with r ≤ 1, per warm-up step")
-        ax.legend(fontsize="small")
-        ax.grid(True, which="both", alpha=0.3)
-        return ax
+        return _finish(ax, "base learning rate", "largest LR with r ≤ 1, per warm-up step")
 
 
 def rolling_min(values: Sequence[float], window: int) -> list[float]:
     """m_t = min(values[t − ⌊w/2⌋ : t + ⌊w/2⌋ + 1]) (nan entries ignored; nan where the window has none)."""
-    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
-        raise ValueError(f"window must be a positive int, got {window!r}")
+    _check_int("window", window)
     half = window // 2
     out = []
     for t in range(len(values)):
@@ -176,51 +154,26 @@ def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
     return F.cross_entropy(logits, labels)
 
 
-def find_lr(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    loader: Iterable[Any],
-    *,
-    num_steps: int = 30,
-    initial_lr: float | None = None,
-    rounds: int = 6,
-    rtol: float = 0.05,
-    window: int = 5,
-    loss_fn: LossFn = cross_entropy,
-    inputs_fn: InputsFn | None = None,
-    logits_fn: LogitsFn | None = None,
-    bound: BoundSpec = "ghost",
-    method: str = "auto",
-    probe_size: ProbeSize = None,
-    aggregate: Aggregate | None = None,
-    seed: int = 0,
-    progress: Progress | None = None,
-) -> LRFinderResult:
-    """λ* = the largest base LR whose ``num_steps`` warm-up steps all have r = τ/ρ ≤ 1 (searched in rounds).
+def find_lr(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable[Any], *, num_steps: int = 30,
+            initial_lr: float | None = None, rounds: int = 6, rtol: float = 0.05, window: int = 5,
+            loss_fn: LossFn = cross_entropy, inputs_fn: InputsFn | None = None, logits_fn: LogitsFn | None = None,
+            bound: BoundSpec = "ghost", method: str = "auto", probe_size: ProbeSize = None,
+            aggregate: Aggregate | None = None, seed: int = 0, progress: Progress | None = None) -> LRFinderResult:
+    """λ* = the largest base LR (param group 0's; every group is scaled alike) whose ``num_steps`` warm-up steps all
+    have r = τ/ρ ≤ 1, searched in up to ``rounds`` rounds to within a factor 1 + ``rtol`` (docs/lr_finder.md).
 
-    Each round trains ``num_steps`` batches of ``loader`` (re-iterated if shorter) from the initial state at a
-    constant LR, seeded with ``seed``; every param group's LR is scaled by the same factor, and "base LR" means
-    param group 0's. The first round uses ``initial_lr`` (default: the optimizer's current LR); later rounds
-    use min_t lr_safe_t of the previous round, bracketed (see the module docstring). The search stops after
-    ``rounds`` rounds, or once the next LR would exceed the largest verified one by at most a factor 1 + ``rtol``.
-
-    Batches are ``(inputs, labels)`` pairs unless ``inputs_fn(batch) -> (inputs, labels)`` says otherwise;
-    ``logits_fn(model, inputs)`` returns the logits (default: ``model(inputs)`` or its ``.logits``);
-    ``loss_fn(logits, labels)`` is the training loss (default: cross-entropy). ``bound``, ``method``,
-    ``probe_size`` and ``aggregate`` are SafeStep's. The probe's default differs from SafeStep's on purpose:
-    the finder runs once, so it certifies every batch row (``probe_size=None``) instead of SafeStep's
-    per-step budget of 1/8 of the rows, which on language models can overstate the batch's radius several-fold;
-    pass ``probe_size=DEFAULT_PROBE_SIZE`` to measure exactly what a default SafeStep would see.
-    ``progress(step)`` is called with every measured LRStep.
-
-    The model's parameters and buffers, the gradients, the optimizer (state and param groups) and torch's global
-    RNG are restored afterwards, also on error. The model is run in its current train/eval mode.
+    Batches are ``(inputs, labels)`` pairs unless ``inputs_fn(batch) -> (inputs, labels)``; ``logits_fn(model,
+    inputs)`` and ``loss_fn(logits, labels)`` default to the model's logits and cross-entropy; ``bound``, ``method``,
+    ``probe_size`` (default: every row, not SafeStep's 1/8) and ``aggregate`` are SafeStep's; ``progress(step)`` sees
+    every LRStep. The model, its gradients, the optimizer and torch's global RNG are restored afterwards, also on
+    error. Raises ValueError for an empty loader, a batch that is not a pair without ``inputs_fn``, an output that
+    is not classification logits, a non-positive LR, or a count or tolerance out of range.
     """
-    _check_positive_int("num_steps", num_steps)
-    _check_positive_int("rounds", rounds)
+    _check_int("num_steps", num_steps)
+    _check_int("rounds", rounds)
     if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol > 0):
         raise ValueError(f"rtol must be a finite positive number, got {rtol!r}")
-    _check_positive_int("window", window)
+    _check_int("window", window)
     base_lr = float(optimizer.param_groups[0]["lr"]) if optimizer.param_groups else math.nan
     lr = base_lr if initial_lr is None else initial_lr
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
@@ -264,12 +217,9 @@ def _search(run: "_RoundRunner", guard: SafeStep, snapshot: "_Snapshot", lr: flo
 
 
 def _next_lr(lo: LRRound | None, hi: LRRound | None, aim: float) -> float:
-    """The next round's LR from the largest verified round ``lo`` and the smallest failed round ``hi``.
-
-    One side known: λ·aim/max r (r ∝ λ on a fixed trajectory). Both: the secant through (log λ, log max r) of
-    the two rounds hitting log aim, kept in the inner 80 % of the bracket; the geometric mean when a failed
-    round had non-finite steps.
-    """
+    """The next round's LR from the largest verified round ``lo`` and the smallest failed round ``hi``: λ·aim/max r
+    with one side known (r ∝ λ on a fixed trajectory), else the secant through (log λ, log max r) hitting log aim,
+    kept in the inner 80 % of the bracket (the geometric mean when a failed round had non-finite steps)."""
     if hi is None or (lo is None and math.isfinite(hi.max_r)):
         return (lo or hi).lr * aim / (lo or hi).max_r
     if lo is None:
@@ -283,22 +233,20 @@ def _next_lr(lo: LRRound | None, hi: LRRound | None, aim: float) -> float:
     return math.exp(min(max(x, x_lo + margin), x_hi - margin))
 
 
+@dataclass(frozen=True)
 class _RoundRunner:
     """Trains one round: num_steps plain steps at a constant base LR, measured by a monitoring SafeStep."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable[Any], num_steps: int,
-                 base_lr: float, loss_fn: LossFn, inputs_fn: InputsFn, logits_fn: LogitsFn, seed: int,
-                 progress: Progress | None) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.loader = loader
-        self.num_steps = num_steps
-        self.base_lr = base_lr
-        self.loss_fn = loss_fn
-        self.inputs_fn = inputs_fn
-        self.logits_fn = logits_fn
-        self.seed = seed
-        self.progress = progress
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: Iterable[Any]
+    num_steps: int
+    base_lr: float
+    loss_fn: LossFn
+    inputs_fn: InputsFn
+    logits_fn: LogitsFn
+    seed: int
+    progress: Progress | None
 
     def __call__(self, guard: SafeStep, index: int, lr: float) -> LRRound:
         factor = lr / self.base_lr
@@ -381,31 +329,41 @@ def _check_logits(logits: Any) -> Tensor:
 
 def _class_labels(labels: Any, logits: Tensor) -> Tensor | None:
     """The labels as class indices for the bound, or None when they are not one index per logits row."""
-    if isinstance(labels, Tensor) and not labels.is_floating_point() and labels.numel() * logits.shape[-1] == logits.numel():
+    if (isinstance(labels, Tensor) and not labels.is_floating_point()
+            and labels.numel() * logits.shape[-1] == logits.numel()):
         return labels
     return None
 
 
-def _check_positive_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+def _check_int(name: str, value: Any, low: int = 1) -> None:
+    """Raise ValueError unless ``value`` is an int (not a bool) >= ``low``; calibrate's counts use it too."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
 
 
 def _positive(value: float) -> float:
-    """value for a log axis: nan when it is not a finite positive number."""
+    """value for a log axis: nan (a gap) when it is not a finite positive number; the CLI's plot uses it too."""
     return value if math.isfinite(value) and value > 0 else math.nan
 
 
-def _axes(ax: Any) -> Any:
-    """``ax``, or the Axes of a new standalone 7.5 × 4.5 in Figure (no pyplot state, no backend switch).
-
-    Such a figure is not shown by pyplot: save it with ``ax.figure.savefig(path)``, display ``ax.figure`` in a
-    notebook, or pass an Axes of your own (e.g. ``plt.gca()``).
-    """
-    if ax is not None:
-        return ax
+def _standalone_figure(**options: Any) -> Figure:
+    """A matplotlib Figure(**options) outside pyplot (no global state, no backend switch; save it with ``savefig``);
+    ModuleNotFoundError naming the 'plot' extra without matplotlib. calibrate and the CLI draw on it too."""
     try:
         from matplotlib.figure import Figure
     except ModuleNotFoundError as error:
         raise ModuleNotFoundError("plotting needs matplotlib: pip install 'safestep[plot]'", name=error.name) from error
-    return Figure(figsize=(7.5, 4.5)).subplots()
+    return Figure(**options)
+
+
+def _axes(ax: Any) -> Any:
+    """``ax``, or the Axes of a new standalone 7.5 × 4.5 in Figure (show it with ``ax.figure``, docs/lr_finder.md)."""
+    return ax if ax is not None else _standalone_figure(figsize=(7.5, 4.5)).subplots()
+
+
+def _finish(ax: Any, ylabel: str, title: str) -> Any:
+    """``ax`` with a log y axis over the warm-up steps, its labels, legend and grid."""
+    ax.set(yscale="log", xlabel="warm-up step", ylabel=ylabel, title=title)
+    ax.legend(fontsize="small")
+    ax.grid(True, which="both", alpha=0.3)
+    return ax
