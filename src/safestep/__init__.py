@@ -1,9 +1,5 @@
-"""safestep: provably bounded training steps for cross-entropy models.
-
-What users type: the optimizer wrapper ``SafeStep`` and its ``StepReport``, the bounds it takes (``Ghost``,
-``Weighted``, ``Exact``, ``Belief``, ``Min``), the report sinks, and the safe learning-rate finder ``find_lr``. The math lives in
-``safestep.geometry`` (radii, belief-space steps, curvature); the one guarded step in ``safestep.step``.
-"""
+"""safestep: provably bounded training steps for cross-entropy models: ``SafeStep``, its ``StepReport``, the bounds,
+the report sinks and ``find_lr``; the math is ``safestep.geometry``, the one guarded step ``safestep.step``."""
 from . import geometry
 from .bounds import Belief, Bound, Exact, Ghost, Min, Weighted
 from .guard import SafeStep

@@ -1,9 +1,5 @@
-"""Rank reductions for rank-consistent SafeStep decisions under torch.distributed (README, "torch.distributed (DDP, FSDP2)").
-
-Only gloo-compatible collectives are used: all_reduce with SUM or MIN, and all_gather. With no process group, or a
-world size of 1, every reduction is the identity. ``min``, ``sum`` and ``max`` keep their results on the device;
-``gather_rows`` (quantile aggregates only) reads every rank's row count on the host, once per call.
-"""
+"""Rank reductions for rank-consistent SafeStep decisions under torch.distributed, gloo-compatible only (all_reduce
+SUM or MIN, all_gather); the identity without a group or with one rank (docs/step.md, "Over ranks")."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,13 +1,5 @@
-"""Count host reads: every ``.item()``, ``bool(t)``, ``float(t)``, ``int(t)`` or ``.tolist()`` on a tensor.
-
-On a GPU each of these waits for the device to finish its queued work, so a training step should make as few as
-possible. ``HostReads`` is a ``TorchFunctionMode`` that sees them on any device, CPU included, and attributes each
-to the module that asked for it (torch.optim's reads belong to torch.optim); ``count(prefix)`` is the number made by code whose module name starts
-with ``prefix`` (``"safestep"`` for the guard's own reads, excluding those of the wrapped optimizer).
-
-    with HostReads() as reads:
-        optimizer.step()
-    reads.count("safestep")
+"""Count host reads (``.item()``, ``bool(t)``, ``float(t)``, ``int(t)``, ``.tolist()`` on a tensor: each waits for
+the device on a GPU) by the module that asked for them, on any device (docs/step.md, "Costs").
 """
 from __future__ import annotations
 

@@ -1,17 +1,5 @@
-"""How a model is laid out: compiled, DDP/DataParallel wrappers, FSDP2 shards (a leaf module: torch only).
-
-* A ``DistributedDataParallel`` / ``DataParallel`` model is probed through its bare ``.module`` (the probe's
-  forwards must not trigger gradient synchronization); a ``torch.compile``d model through its original module
-  (``_orig_mod``: the same parameters, and forward-mode AD and parameter substitution need eager execution),
-  while its training calls are captured on the compiled module the user calls.
-* FSDP2 (``fully_shard``) parameters are DTensors: ``local_tensor`` gives this rank's shard, and the model is probed
-  by ``ShardedProbe`` (central differences through its own forward, which all-gathers).
-* FSDP1 ``FullyShardedDataParallel`` is refused: it keeps the root's parameters gathered after a forward and offers
-  no public way to reshard, so perturbing its local shards in place would not reach the next forward.
-
-Rank reductions live in ``safestep.collectives``; the reduction of a radius across ranks in ``safestep.step``;
-the probe that fits a layout is ``safestep.probe.make_probe``.
-"""
+"""How a model is laid out: compiled, DDP/DataParallel wrappers, FSDP2 shards, FSDP1 refused (a leaf module: torch
+only); what each layout means for the probe is docs/step.md, "Over ranks"."""
 from __future__ import annotations
 
 import functools
@@ -19,11 +7,6 @@ import functools
 from torch import Tensor, nn
 
 __all__ = ["probe_module", "capture_module", "is_sharded", "local_tensor", "fsdp2_modules"]
-
-
-def _compiled(model: nn.Module) -> bool:
-    """True for a ``torch.compile``d module (it keeps the original as ``_orig_mod``)."""
-    return isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule"
 
 
 def capture_module(model: nn.Module) -> nn.Module:
@@ -35,11 +18,10 @@ def capture_module(model: nn.Module) -> nn.Module:
 
 def probe_module(model: nn.Module) -> nn.Module:
     """The bare module the probe runs eagerly: inside DDP / DataParallel wrappers and ``torch.compile``."""
-    while True:
-        model = capture_module(model)
-        if not _compiled(model):
-            return model
-        model = model._orig_mod
+    model = capture_module(model)
+    while isinstance(getattr(model, "_orig_mod", None), nn.Module) and type(model).__name__ == "OptimizedModule":
+        model = capture_module(model._orig_mod)  # a torch.compile'd module keeps its original as _orig_mod
+    return model
 
 
 @functools.cache

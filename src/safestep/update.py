@@ -1,8 +1,5 @@
-"""The arithmetic of a step on lists of tensors: θ0 snapshots, Δθ and τ, the guarded write θ0 + s·Δθ, restore.
-
-Every function works on the trainable parameters' local tensors (one fixed order) and keeps its results on the
-device; only the guarded write may read on the host (``apply``: when rounding could push a step past its limit).
-``global_norm`` is the package's one global L2 norm.
+"""The arithmetic of a step on the trainable parameters' local tensors: θ0 snapshots, Δθ and τ, the guarded write
+θ0 + s·Δθ, restore; results stay on the device, only ``apply`` may read on the host (docs/step.md, "The cap is exact").
 """
 from __future__ import annotations
 
@@ -17,7 +14,7 @@ from .norm import global_norm
 from .probe import Displacement
 
 __all__ = ["global_norm", "gradients_finite", "snapshot", "restore", "sharded_norm", "displacement", "apply",
-           "rescale", "unit_roundoff"]
+           "rescale"]
 
 _APPLY_ATTEMPTS = 16  # writes re-measured and shrunk at most this many times
 _SHRINK = 1.0 - 2.0**-10  # each re-measured write aims this far inside the limit
@@ -58,24 +55,16 @@ def displacement(live: Sequence[Tensor], theta0: list[Tensor], reducer: Reducer 
                         lambda: sharded_norm(theta0, reducer, sharded))
 
 
-def unit_roundoff(tensors: Sequence[Tensor]) -> tuple[float, float]:
-    """(u, σ): the largest unit roundoff ε/2 and smallest subnormal among the tensors' dtypes."""
-    infos = [torch.finfo(t.dtype) for t in tensors]
-    return max(i.eps for i in infos) / 2, max(i.smallest_normal * i.eps for i in infos)
-
-
 def apply(live: Sequence[Tensor], step: Displacement, scale: float, limit: float, tau: float, theta_norm: float,
           reducer: Reducer | None = None, sharded: bool = False) -> float:
     """θ ← θ0 + s·Δθ with the realized ‖θ − θ0‖ <= ``limit`` exactly; returns the s used (0: restored to θ0).
 
-    s = 1 leaves θ1 untouched (bit for bit) when τ(1 + 2u) <= limit. Otherwise θ = fl(θ0 + fl(s·Δθ)) obeys
-    ‖θ − θ0‖ <= s·τ(1 + 3u) + u‖θ0‖ + √n·σ elementwise-rounding bound (u the unit roundoff, σ the smallest
-    subnormal), so s is lowered until that bound is <= limit — no host read. When that would shorten the step by
-    more than 0.1 % (half precision, u = 2⁻⁸; or a step near the resolution of θ), the written step is measured
-    exactly instead (one host read per attempt) and shrunk until it fits; if it never fits, θ0 is restored.
+    s is lowered until s·τ(1 + 3u) + u‖θ0‖ + √n·σ <= limit (u the largest unit roundoff, σ the smallest subnormal);
+    if that shortens the step by more than 0.1 %, the written step is measured and shrunk until it fits (docs/step.md).
     """
     live = list(live)
-    u, sigma = unit_roundoff(live)
+    infos = [torch.finfo(t.dtype) for t in live]
+    u, sigma = max(i.eps for i in infos) / 2, max(i.smallest_normal * i.eps for i in infos)
     if scale == 1.0 and tau * (1.0 + 2.0 * u) <= limit:
         return 1.0
     n = sum(t.numel() for t in live)

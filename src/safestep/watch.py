@@ -1,12 +1,5 @@
-"""Is a run frozen? A long streak of heavily shortened steps, told apart by cause: a collapsed radius or long proposals.
-
-A step is *small* when it was applied with scale s < ``FREEZE_SCALE``. After ``FREEZE_STEPS`` small steps in a row the
-watch compares the streak with the steps before it (medians over at most ``FREEZE_STEPS`` of them):
-
-* ρ fell below ``FREEZE_SCALE`` × its earlier median — the radius collapsed: training is frozen (warned once);
-* else τ rose above 1/``FREEZE_SCALE`` × its earlier median — the optimizer's proposals grew (an LR spike, a
-  diverging optimizer) and capping them is the guard doing its job: reported, not warned;
-* with no earlier steps to compare, the streak is reported and warned as frozen.
+"""Is a run frozen? ``FREEZE_STEPS`` steps in a row applied at scale s < ``FREEZE_SCALE``, compared with the steps
+before them: a collapsed radius is warned once, long proposals being capped are only reported (docs/step.md).
 """
 from __future__ import annotations
 
