@@ -13,24 +13,17 @@ from safestep.geometry import (
     barrier,
     belief_step_cap,
     binary_radius,
-    contraction_factor,
     exact_radius,
-    hessian_step,
     max_step,
     min_exact_radius,
-    mirror_step,
     mse_step,
     nearest_ghost,
     normalized_entropy,
-    project_to_simplex,
-    projected_step,
     radius_lower_bound,
     spread,
 )
 
 f64 = torch.float64
-P = torch.tensor([[0.4, 0.3, 0.3], [0.25, 0.25, 0.5]], dtype=f64)
-Y = torch.tensor([[0.2, 0.3, 0.5], [0.3, 0.3, 0.4]], dtype=f64)  # η = 0.7 keeps every coordinate
 
 
 # ------------------------------------------------------------------------- Python numbers are read as float64
@@ -38,13 +31,10 @@ Y = torch.tensor([[0.2, 0.3, 0.5], [0.3, 0.3, 0.4]], dtype=f64)  # η = 0.7 keep
 def test_python_floats_give_the_float64_result_exactly():
     eta64 = torch.tensor(0.7, dtype=f64)
     eta32 = torch.tensor(0.7, dtype=torch.float32)
-    for call in (lambda eta: projected_step(P, Y, eta), lambda eta: mirror_step(P, Y, eta),
-                 lambda eta: contraction_factor(P, P, eta), barrier, hessian_step, mse_step_of_b,
-                 lambda margin: binary_radius(margin, 0.3)):
+    for call in (barrier, mse_step_of_b, lambda margin: binary_radius(margin, 0.3)):
         exact = call(eta64)
         assert torch.equal(call(0.7), exact)
         assert not torch.equal(call(eta32), exact)  # what a float32 detour gives: the test can tell
-    assert hessian_step(0.7).item() == 2 / 0.7
 
 
 def mse_step_of_b(b):
@@ -56,17 +46,15 @@ def test_python_lists_give_the_float64_result_exactly():
     assert spread([0.7, 0.1]).item() == 0.7 - 0.1
     assert radius_lower_bound([[0.3, 1.0]]).item() == math.pi / (1.0 - 0.3)
     assert torch.equal(mse_step(B=[0.7, 0.3]), mse_step(B=torch.tensor([0.7, 0.3], dtype=f64)))
-    v = [0.7, 0.2, 0.3]
-    assert torch.equal(project_to_simplex(v), project_to_simplex(torch.tensor(v, dtype=f64)))
 
 
 @pytest.mark.parametrize("bad", ["0.7", [[0.1, 0.2], [0.3]], [True, False], [1 + 2j]])
 def test_non_numeric_input_raises_value_error(bad):
     with pytest.raises(ValueError, match="real numeric"):
-        hessian_step(bad)
+        barrier(bad)
 
 
-# ------------------------------------------------------------------------- backoff and contraction edge cases
+# ------------------------------------------------------------------------- backoff edge cases
 
 @pytest.mark.parametrize("eps", [1e-10, 1e-3, 0.5])
 def test_backoff_of_a_one_hot_belief_is_one(eps):
@@ -76,19 +64,6 @@ def test_backoff_of_a_one_hot_belief_is_one(eps):
     assert torch.equal(ads_step(one_hot, eps=eps), max_step(one_hot))
     near_uniform = torch.full((3,), 1 / 3, dtype=f64)
     assert 0 < backoff(near_uniform, eps=eps).item() < 1
-
-
-def test_contraction_factor_with_zero_entries_is_not_nan():
-    with_zero = torch.tensor([0.0, 0.5, 0.5], dtype=f64)
-    other = torch.tensor([0.2, 0.3, 0.5], dtype=f64)
-    for p1, p2 in [(with_zero, other), (other, with_zero), (with_zero, with_zero)]:
-        assert contraction_factor(p1, p2, 0.1).item() == math.inf  # L = ∞: no contraction certified
-        assert contraction_factor(p1, p2, 0.0).item() == 1.0
-    etas = torch.tensor([0.0, 0.01, 0.02], dtype=f64)
-    q = contraction_factor(other.expand(3, 3), torch.tensor([0.3, 0.3, 0.4], dtype=f64).expand(3, 3), etas)
-    mu, lipschitz, chi2 = 1 / 0.5, 1 / 0.2, 1 / 0.3  # the paper's q = 1 − η(2μ − ηL²)/C with the pair's constants
-    expected = [1 - e * (2 * mu - e * lipschitz**2) / chi2 for e in (0.0, 0.01, 0.02)]
-    assert torch.allclose(q, torch.tensor(expected, dtype=f64), rtol=1e-14)
 
 
 # ------------------------------------------------------------------------- overflow and empty input
@@ -107,17 +82,15 @@ def test_overflowing_spreads_raise_value_error():
 @pytest.mark.parametrize("shape", [(0, 3), (3, 0), (2, 0, 4)])
 def test_empty_inputs_raise_value_error(shape):
     empty = torch.zeros(shape, dtype=f64)
-    calls = [spread, radius_lower_bound, normalized_entropy, backoff, max_step, ads_step, project_to_simplex,
+    calls = [spread, radius_lower_bound, normalized_entropy, backoff, max_step, ads_step,
              lambda x: exact_radius(x, x), lambda x: nearest_ghost(x, x), lambda x: min_exact_radius(x, x),
-             lambda x: belief_step_cap(x, x), lambda x: projected_step(x, x, 0.1), lambda x: mirror_step(x, x, 0.1),
-             lambda x: contraction_factor(x, x, 0.1), lambda x: mse_step(x)]
+             lambda x: belief_step_cap(x, x), lambda x: mse_step(x)]
     for call in calls:
         with pytest.raises(ValueError, match="empty"):
             call(empty)
 
 
 def test_empty_scalar_inputs_raise_value_error():
-    for call in (lambda: binary_radius([], []), lambda: barrier([]), lambda: hessian_step(torch.zeros(0)),
-                 lambda: mse_step(B=[]), lambda: projected_step(P, Y, torch.zeros(0))):
+    for call in (lambda: binary_radius([], []), lambda: barrier([]), lambda: mse_step(B=[])):
         with pytest.raises(ValueError, match="empty"):
             call()

@@ -1,10 +1,11 @@
-"""The "support" rule (docs/belief_support.md) against eigvalsh, the global contraction identity and brute force.
+"""The "support" rule (docs/belief_support.md) against eigvalsh and brute force.
 
 Brute force: the Euclidean Lipschitz constant on T = {Σv = 0} of the exact projected step p ↦ Π_Δ(p + ηy/p) and of
 the exact mirror step p ↦ softmax(log p + ηy/p), measured at random beliefs by Lanczos on (J P_T)ᵀ(J P_T) with
 Jacobian products from forward- and reverse-mode autodiff of test-local implementations of the two maps (checked
-against the library's ``projected_step``/``mirror_step``). The projection here finds its support by bisection on
-Σ max(v − θ, 0) = 1, independently of the library's sort-based algorithm.
+against the lab's ``projected_step``/``mirror_step`` in lab/tests/test_lab_belief_maps.py, which also holds the
+global contraction identity). The projection here finds its support by bisection on Σ max(v − θ, 0) = 1,
+independently of the lab's sort-based algorithm.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from safestep.geometry import belief_step_cap, max_step, mirror_step, projected_step
+from safestep.geometry import belief_step_cap, max_step
 from safestep.geometry.simplex import RULES, ads_step
 
 # torch.func's first use imports a module that warns about torch.jit.script
@@ -209,76 +210,7 @@ def test_support_rule_validation():
     assert "support" in RULES
 
 
-# ------------------------------------------------------------------ the global two-point theorem, library maps
-
-@pytest.mark.parametrize("k", [3, 10, 1000, 50_000])
-def test_projected_step_contraction_identity_for_one_hot_targets(k):
-    """‖F p1 − F p2‖² ≤ ‖δ‖² − α(2 − α(1 − 1/K))δ_c², α = η/(p1_c·p2_c), for η ≤ min of the rule at p1 and p2."""
-    g = torch.Generator().manual_seed(k)
-    n = 64 if k <= 1000 else 8
-    scale = torch.tensor([0.01, 1.0, 3.0, 6.0], dtype=f64).repeat(n // 4)[:, None]
-    p1 = torch.softmax(torch.randn(n, k, generator=g, dtype=f64) * scale, dim=-1)
-    p2 = torch.softmax(torch.randn(n, k, generator=g, dtype=f64) * scale.flip(0), dim=-1)
-    label = torch.randint(0, k, (n,), generator=g)
-    p1[torch.arange(n), label] += 0.2  # keep p_c away from the 1e-12 gradient floor of the library's maps
-    p2[torch.arange(n), label] += torch.rand(n, generator=g, dtype=f64)
-    p1, p2 = p1 / p1.sum(-1, keepdim=True), p2 / p2.sum(-1, keepdim=True)
-    y = torch.nn.functional.one_hot(label, k).to(f64)
-    rule = torch.minimum(max_step(p1, "support", target=y), max_step(p2, "support", target=y))
-    delta = p1 - p2
-    c1, c2 = p1.gather(-1, label[:, None])[:, 0], p2.gather(-1, label[:, None])[:, 0]
-    for fraction in (0.3, 1.0):
-        eta = fraction * rule
-        out = (projected_step(p1, y, eta) - projected_step(p2, y, eta)).norm(dim=-1) ** 2
-        alpha = eta / (c1 * c2)
-        gain = alpha * (2 - alpha * (1 - 1 / k)) * delta.gather(-1, label[:, None])[:, 0] ** 2
-        assert (out <= delta.norm(dim=-1) ** 2 - gain + 1e-14).all()
-        assert (gain >= 0).all()
-
-
-def test_projected_step_expands_just_above_the_rule_without_clamping():
-    """Tightness: if the projection keeps every coordinate, η just above 2p_c²K/(K−1) expands δ along P_T e_c."""
-    k = 5
-    p = torch.tensor([0.3, 0.2, 0.2, 0.15, 0.15], dtype=f64)
-    y = torch.nn.functional.one_hot(torch.tensor(1), k).to(f64)
-    rule = max_step(p, "support", target=y).item()
-    direction = torch.full((k,), -1.0 / k, dtype=f64)
-    direction[1] += 1.0
-    h = 1e-7
-    ratio = lambda eta: ((projected_step(p + h * direction, y, eta) - projected_step(p - h * direction, y, eta)).norm()
-                         / (2 * h * direction.norm())).item()
-    assert ratio(0.999 * rule) <= 1.0 + 1e-6
-    assert ratio(1.02 * rule) > 1.03
-
-
-# ------------------------------------------------------------------ mirror step: the label log-odds map
-
-def test_mirror_step_label_log_odds_contract_and_the_rest_is_unchanged():
-    """Mirror step, one-hot c: ℓ = log(p_c/(1 − p_c)) maps to ℓ + η/p_c, p_{−c}/(1 − p_c) is unchanged; |Δℓ'| ≤ |Δℓ|."""
-    g = torch.Generator().manual_seed(4)
-    k, n = 50, 200
-    p1 = torch.softmax(torch.randn(n, k, generator=g, dtype=f64) * 3, dim=-1)
-    p2 = torch.softmax(torch.log(p1) + 0.05 * torch.randn(n, k, generator=g, dtype=f64), dim=-1)
-    label = torch.randint(0, k, (n,), generator=g)
-    y = torch.nn.functional.one_hot(label, k).to(f64)
-    eta = torch.minimum(max_step(p1, "support", target=y), max_step(p2, "support", target=y))
-    log_odds = lambda q: (q.gather(-1, label[:, None]) / (1 - q.gather(-1, label[:, None])))[:, 0].log()
-    rest = lambda q: torch.where(y > 0, 0.0, q) / (1 - q.gather(-1, label[:, None]))
-    m1, m2 = mirror_step(p1, y, eta), mirror_step(p2, y, eta)
-    assert torch.allclose(log_odds(m1), log_odds(p1) + eta / p1.gather(-1, label[:, None])[:, 0], rtol=1e-10)
-    assert torch.allclose(rest(m1), rest(p1), rtol=1e-9, atol=1e-300)
-    assert ((log_odds(m1) - log_odds(m2)).abs() <= (log_odds(p1) - log_odds(p2)).abs() * (1 + 1e-9)).all()
-
-
 # ------------------------------------------------------------------ brute force: local Lipschitz constants
-
-def test_brute_force_kit_matches_the_library_maps():
-    for description, p, y in cases(40, seed=5, labels=("median",)):
-        eta = 3 * max_step(p, "support", target=y).item()
-        support = projection_support(p + eta * y / p)
-        assert torch.allclose(exact_projected(support)(p, y, eta), projected_step(p, y, eta), atol=1e-15), description
-        assert torch.allclose(exact_mirror(p, y, eta), mirror_step(p, y, eta), atol=1e-15), description
-
 
 def _never_expansive_below_the_rule(k: int, seed: int, labels: tuple[str, ...], fractions: tuple[float, ...]) -> None:
     for description, p, y in cases(k, seed, labels=labels):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from safestep.geometry import mirror_step
+from safestep_lab.simplex_dynamics import mirror_step
 from safestep_lab.experiments import REGISTRY, RunOptions, load
 from safestep_lab.experiments.belief_tracking import (
     SHIFT, STEPS, Y1, Y2, end_state, first_index, kl_divergence, outcome_ranges, run, track,

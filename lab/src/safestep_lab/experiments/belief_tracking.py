@@ -18,9 +18,10 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import Tensor
 
-from safestep.geometry import ads_step, max_step, mirror_step, projected_step
+from safestep.geometry import ads_step, max_step
 from safestep.geometry.simplex import RULES
 from ..report import Claim, ExperimentResult
+from ..simplex_dynamics import mirror_step, projected_step
 from . import Experiment, RunOptions
 
 __all__ = [

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ..curvature import directional_curvature
 from ..data import Split, load_digits_split
 from ..models import build_model
 from ..parallel import run_units
@@ -27,7 +28,6 @@ from ..sweeps import (
     random_direction, train_classifier,
 )
 from ..training import StepRecord, evaluate
-from safestep.geometry import directional_curvature
 from . import Experiment, RunOptions
 
 __all__ = ["DirectionsConfig", "FULL", "QUICK", "train_stages", "measure_direction", "run", "EXPERIMENT"]

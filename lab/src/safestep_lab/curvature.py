@@ -1,5 +1,7 @@
 """Hessian curvature comparators for the "Hessian says 2/κ" diagnostic (docs/geometry.md, "Curvature comparators").
 
+Lab code (moved out of ``safestep.geometry`` in issue 21): only the directions experiment compares ρ with 2/κ.
+
 The loss is given functionally: ``loss_fn(params) -> scalar tensor``, where ``params`` is a list of tensors or a
 dict name → tensor and ``loss_fn`` must compute the loss *from its argument* (not from tensors it closes over).
 For an ``nn.Module`` use ``torch.func.functional_call``::
@@ -16,10 +18,10 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
+from safestep.norm import global_norm
 from torch import Tensor
-from ..norm import global_norm
 
-from ._checks import as_float64
+from .checks import real_tensor
 
 __all__ = ["Params", "directional_curvature", "top_hessian_eigenvalue", "hessian_step"]
 
@@ -138,5 +140,5 @@ def top_hessian_eigenvalue(
 
 def hessian_step(kappa: Tensor | float) -> Tensor:
     """2/κ, the smoothness step of a quadratic model with curvature κ; inf for κ <= 0 (no curvature limit)."""
-    k = as_float64(kappa, "kappa")
+    k = real_tensor(kappa, "kappa")
     return torch.where(k > 0, 2.0 / k, torch.full_like(k, math.inf))

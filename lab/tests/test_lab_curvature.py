@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from safestep.geometry.curvature import directional_curvature, hessian_step, top_hessian_eigenvalue
+from safestep_lab.curvature import directional_curvature, hessian_step, top_hessian_eigenvalue
 
 SHAPES = {"w1": (4, 5), "b1": (4,), "w2": (3, 4), "b2": (3,)}  # a 5 -> 4 -> 3 tanh MLP
 
