@@ -1,13 +1,11 @@
-"""The ``safestep`` command line: ``plot``, ``calibrate``, ``--version``, plus the commands of installed distributions
-that register through the ``safestep.cli`` entry point group: the reproduction lab (safestep-lab) adds ``demo``,
-``list``, ``reproduce NAME|all`` and ``report``; without it those stop in one line saying how to install it.
+"""The ``safestep`` command line: ``plot``, ``calibrate``, ``--version``, and the commands that installed
+distributions register through the ``safestep.cli`` entry point group: the reproduction lab (safestep-lab) adds
+``demo``, ``list``, ``reproduce NAME|all`` and ``report``; without it those stop in one line saying how to install it.
 
-Each subcommand is one ``_add_<name>`` function that registers its parser and its handler; add new ones there. An
-entry point names a function ``register(subparsers)`` that adds parsers the same way; their handlers may raise
-``UsageError`` and use ``check_out_dir`` and the argument types ``positive_int``, ``seed`` and ``threads``.
-Argparse checks every number; a handler then checks, before any work, that the optional dependencies it needs
-are installed (``_require``) and that its output folder can be written (``_check_out_dir``). A failed check
-raises ``_UsageError``, which ``main`` prints as one line on stderr with exit code 2.
+Each subcommand is one ``_add_<name>(subparsers)`` that registers its parser and handler; an entry point names a
+``register(subparsers)`` that does the same, with ``UsageError``, ``check_out_dir`` and the argument types
+``positive_int``, ``seed`` and ``threads``. Argparse checks every number; a handler checks its optional dependencies
+and its output folder before any work. A failed check raises ``UsageError``: one line on stderr, exit code 2.
 """
 from __future__ import annotations
 
@@ -18,9 +16,10 @@ import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 from . import __version__
+from .lr_finder import _positive, _standalone_figure
 from .telemetry import StepReport, read_reports
 
 if TYPE_CHECKING:
@@ -28,45 +27,52 @@ if TYPE_CHECKING:
 
 __all__ = ["UsageError", "build_parser", "check_out_dir", "main", "positive_int", "seed", "threads"]
 
-_EXTRAS: dict[str, tuple[str, ...]] = {"plot": ("matplotlib",)}
-"""The import names each optional extra of pyproject.toml provides, for the extras a command can need."""
+_N = TypeVar("_N", int, float)
+_T = TypeVar("_T")
 
 
-class _UsageError(Exception):
+class UsageError(Exception):
     """A check failed before any work; ``main`` prints the message as one line and returns 2."""
 
 
-def _require(extra: str) -> None:
-    """Raise _UsageError naming ``pip install 'safestep[extra]'`` unless every module of ``extra`` is importable."""
-    missing = [name for name in _EXTRAS[extra] if importlib.util.find_spec(name) is None]
-    if missing:
-        raise _UsageError(
-            f"this command needs the '{extra}' extra (missing: {', '.join(missing)}); "
-            f"install it with: pip install 'safestep[{extra}]'"
-        )
+def _require_plot() -> None:
+    """Raise UsageError naming ``pip install 'safestep[plot]'`` unless matplotlib (the 'plot' extra) is importable."""
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("this command needs the 'plot' extra (missing: matplotlib); "
+                         "install it with: pip install 'safestep[plot]'")
 
 
-def _check_out_dir(path: Path) -> None:
-    """Raise _UsageError unless ``path`` is a writable folder or can be created as one; creates nothing."""
+def check_out_dir(path: Path) -> None:
+    """Raise UsageError unless ``path`` is a writable folder or can be created as one; creates nothing."""
     existing = path.absolute()
     while not os.path.lexists(existing):
         existing = existing.parent
     if not existing.is_dir():
-        raise _UsageError(f"cannot write the output folder {path}: {existing} exists and is not a folder")
+        raise UsageError(f"cannot write the output folder {path}: {existing} exists and is not a folder")
     if not os.access(existing, os.W_OK | os.X_OK):
-        raise _UsageError(f"cannot write the output folder {path}: no write permission in {existing}")
+        raise UsageError(f"cannot write the output folder {path}: no write permission in {existing}")
 
 
-def _int_in(low: int, high: int | None, meaning: str) -> Callable[[str], int]:
-    """An argparse type accepting an integer in [low, high] (no upper limit when ``high`` is None)."""
+def _read(reader: Callable[..., _T], path: Path, **options: Any) -> _T:
+    """``reader(path, **options)``, a file it cannot read or parse raised as UsageError."""
+    try:
+        return reader(path, **options)
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
+    except ValueError as error:
+        raise UsageError(str(error)) from None
 
-    def parse(text: str) -> int:
+
+def _number_in(convert: Callable[[str], _N], low: float, high: float, meaning: str) -> Callable[[str], _N]:
+    """An argparse type accepting a number ``convert(text)`` with low <= value < high (never nan)."""
+
+    def parse(text: str) -> _N:
         error = argparse.ArgumentTypeError(f"expected {meaning}, got {text!r}")
         try:
-            value = int(text)
+            value = convert(text)
         except ValueError:
             raise error from None
-        if value < low or (high is not None and value > high):
+        if not low <= value < high:
             raise error
         return value
 
@@ -74,14 +80,11 @@ def _int_in(low: int, high: int | None, meaning: str) -> Callable[[str], int]:
 
 
 _CPUS = os.cpu_count() or 1
-_positive_int = _int_in(1, None, "a positive integer")
-_seed = _int_in(0, 2**64 - 1, "an integer in [0, 2**64)")
-_threads = _int_in(1, _CPUS, f"a number of threads from 1 to {_CPUS} (the CPUs of this machine)")
-
-# The names an entry point's commands use (the lab's): the same objects as the library's own commands use.
-UsageError = _UsageError
-check_out_dir = _check_out_dir
-positive_int, seed, threads = _positive_int, _seed, _threads
+positive_int = _number_in(int, 1, math.inf, "a positive integer")
+seed = _number_in(int, 0, 2**64, "an integer in [0, 2**64)")
+threads = _number_in(int, 1, _CPUS + 1, f"a number of threads from 1 to {_CPUS} (the CPUs of this machine)")
+_share = _number_in(float, 0.0, 1.0, "a share in [0, 1), e.g. 0.05")
+_factor = _number_in(float, 1.0, math.inf, "a factor >= 1, e.g. 1.5")
 
 _LAB_COMMANDS = ("demo", "list", "reproduce", "report")
 """The commands the reproduction lab registers; without the lab each is a stand-in that says how to install it."""
@@ -93,7 +96,7 @@ _NO_OPTIONS = "\0"
 
 def _lab_missing(args: argparse.Namespace) -> int:
     """The handler of a lab command's stand-in: stop with the line that says how to install the lab."""
-    raise _UsageError(_LAB_MISSING)
+    raise UsageError(_LAB_MISSING)
 
 
 def _add_entry_point_commands(subparsers: argparse._SubParsersAction) -> None:
@@ -116,17 +119,10 @@ _PLOT_PANELS = (  # (y label, ((report field, legend), ...)), each on a log axis
 )
 
 
-def _plottable(value: float) -> float:
-    """``value``, or NaN (a gap in the line) where a log axis cannot show it: non-finite or <= 0."""
-    return value if math.isfinite(value) and value > 0 else math.nan
-
-
 def _history_figure(reports: Sequence[StepReport], title: str) -> Figure:
     """A standalone Figure (no pyplot) of τ and ρ, r proposed and applied, and the scale s per step (log axes);
     skipped steps are marked at the bottom of the scale panel. Non-finite and zero values leave gaps."""
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(8, 7), layout="constrained")
+    figure = _standalone_figure(figsize=(8, 7), layout="constrained")
     axes = figure.subplots(len(_PLOT_PANELS), 1, sharex=True)
     steps = [report.step for report in reports]
     axes[1].axhline(1.0, color="0.6", linewidth=0.8, linestyle="--", label="r = 1")
@@ -135,7 +131,7 @@ def _history_figure(reports: Sequence[StepReport], title: str) -> Figure:
         axes[2].plot(skipped, [0.0] * len(skipped), "x", color="tab:red", label="skipped", clip_on=False,
                      transform=axes[2].get_xaxis_transform())
     for ax, (ylabel, series) in zip(axes, _PLOT_PANELS):
-        curves = [([_plottable(getattr(report, field)) for report in reports], label) for field, label in series]
+        curves = [([_positive(getattr(report, field)) for report in reports], label) for field, label in series]
         for values, label in curves:
             ax.plot(steps, values, label=label)
         drawn = any(not math.isnan(value) for values, _ in curves for value in values)
@@ -149,20 +145,15 @@ def _history_figure(reports: Sequence[StepReport], title: str) -> Figure:
 
 
 def _run_plot(args: argparse.Namespace) -> int:
-    _require("plot")
+    _require_plot()
     history = Path(args.history)
     out = Path(args.out) if args.out is not None else history.with_suffix(".png")
-    _check_out_dir(out.parent)
+    check_out_dir(out.parent)
     if out.is_dir() or out.absolute() == history.absolute():
-        raise _UsageError(f"cannot write the figure to {out}: give a new file name, e.g. --out steps.png")
-    try:
-        reports = read_reports(history)
-    except OSError as error:
-        raise _UsageError(f"cannot read {history}: {error.strerror or error}") from None
-    except ValueError as error:
-        raise _UsageError(str(error)) from None
+        raise UsageError(f"cannot write the figure to {out}: give a new file name, e.g. --out steps.png")
+    reports = _read(read_reports, history)
     if not reports:
-        raise _UsageError(f"{history} holds no step reports")
+        raise UsageError(f"{history} holds no step reports")
     out.parent.mkdir(parents=True, exist_ok=True)
     _history_figure(reports, history.name).savefig(out)
     print(f"wrote {out}")
@@ -179,28 +170,6 @@ def _add_plot(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("history", help="a .csv or .jsonl file of step reports")
     parser.add_argument("--out", default=None, help="the PNG to write (default: HISTORY with the suffix .png)")
     parser.set_defaults(handler=_run_plot)
-
-
-def _share(text: str) -> float:
-    """An argparse type accepting a share in [0, 1)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"expected a share in [0, 1), e.g. 0.05, got {text!r}")
-    return value
-
-
-def _factor(text: str) -> float:
-    """An argparse type accepting a finite factor >= 1."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 1.0):
-        raise argparse.ArgumentTypeError(f"expected a factor >= 1, e.g. 1.5, got {text!r}")
-    return value
 
 
 def _calibration_progress(disabled: bool) -> tuple[Callable[[str, int, int], None] | None, Callable[[], None]]:
@@ -226,10 +195,10 @@ def _calibration_progress(disabled: bool) -> tuple[Callable[[str, int, int], Non
 def _run_calibrate(args: argparse.Namespace) -> int:
     out = None if args.no_figure else Path(args.out)
     if out is not None:
-        _require("plot")
-        _check_out_dir(out.parent)
+        _require_plot()
+        check_out_dir(out.parent)
         if out.is_dir():
-            raise _UsageError(f"cannot write the figure to {out}: give a file name, e.g. --out calibrate.png")
+            raise UsageError(f"cannot write the figure to {out}: give a file name, e.g. --out calibrate.png")
     import torch
 
     from .calibrate import Rule, calibrate, calibrate_history, load_target
@@ -241,7 +210,7 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         try:
             entry = load_target(args.source)
         except ValueError as error:
-            raise _UsageError(str(error)) from None
+            raise UsageError(str(error)) from None
         progress, close = _calibration_progress(args.no_progress)
         try:
             result = calibrate(entry, steps=args.steps, compare=args.compare, timing_steps=args.timing_steps,
@@ -249,16 +218,11 @@ def _run_calibrate(args: argparse.Namespace) -> int:
         finally:
             close()
     else:
-        try:
-            result = calibrate_history(source, rule=rule)
-        except OSError as error:
-            raise _UsageError(f"cannot read {source}: {error.strerror or error}") from None
-        except ValueError as error:
-            raise _UsageError(str(error)) from None
+        result = _read(calibrate_history, source, rule=rule)
     try:
         text = result.summary()
     except ValueError as error:  # no step had a finite r
-        raise _UsageError(str(error)) from None
+        raise UsageError(str(error)) from None
     print(text)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -278,11 +242,11 @@ def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
         "2*TIMING_STEPS + 2 + STEPS ordinary steps of its optimizer (monitor mode never changes an update).",
     )
     parser.add_argument("source", help="SCRIPT.py:FUNCTION, MODULE:FUNCTION, or a .jsonl/.csv history")
-    parser.add_argument("--steps", type=_positive_int, default=100,
+    parser.add_argument("--steps", type=positive_int, default=100,
                         help="monitored steps with the default probe (default 100)")
-    parser.add_argument("--compare", type=_int_in(0, None, "a non-negative integer"), default=5,
+    parser.add_argument("--compare", type=_number_in(int, 0, math.inf, "a non-negative integer"), default=5,
                         help="of those, steps also measured with the whole batch along the same update (default 5)")
-    parser.add_argument("--timing-steps", type=_positive_int, default=5,
+    parser.add_argument("--timing-steps", type=positive_int, default=5,
                         help="timed steps of the plain optimizer and of the whole-batch probe (default 5)")
     parser.add_argument("--max-cap-share", type=_share, default=0.05,
                         help="rule: the smallest r that caps at most this share of the steps (default 0.05)")
@@ -294,14 +258,16 @@ def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
                         "seconds per step (default 1.1)")
     parser.add_argument("--out", default="calibrate.png", help="the figure to write (default: ./calibrate.png)")
     parser.add_argument("--no-figure", action="store_true", help="print the report only (no matplotlib needed)")
-    parser.add_argument("--threads", type=_threads, default=1, help="torch CPU threads (default 1)")
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars (shown when tqdm is installed)")
+    parser.add_argument("--threads", type=threads, default=1, help="torch CPU threads (default 1)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="hide the progress bars (shown when tqdm is installed)")
     parser.set_defaults(handler=_run_calibrate)
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse parser with every subcommand registered."""
-    parser = argparse.ArgumentParser(prog="safestep", description="Provably bounded training steps for cross-entropy models.")
+    parser = argparse.ArgumentParser(prog="safestep",
+                                     description="Provably bounded training steps for cross-entropy models.")
     parser.add_argument("--version", action="version", version=f"safestep {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     _add_plot(subparsers)
@@ -319,6 +285,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args)
-    except _UsageError as error:
+    except UsageError as error:
         print(f"safestep {args.command}: error: {error}", file=sys.stderr)
         return 2
