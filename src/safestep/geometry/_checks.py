@@ -8,10 +8,7 @@ _INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint
 
 
 def as_float64(x: Tensor | float | list, name: str, *, finite: bool = True) -> Tensor:
-    """``x`` as a float64 tensor; ValueError if it is not real numeric, is empty or (if ``finite``) is not finite.
-
-    Python floats and lists are read straight into float64, never through torch's float32 default dtype.
-    """
+    """``x`` as float64 (Python numbers read straight into float64); ValueError if not real, empty or not finite."""
     try:
         t = x if isinstance(x, Tensor) else torch.as_tensor(x)
     except (TypeError, ValueError, RuntimeError) as error:
@@ -27,21 +24,20 @@ def as_float64(x: Tensor | float | list, name: str, *, finite: bool = True) -> T
     return t
 
 
-def class_vectors(x: Tensor | list, name: str, min_classes: int = 2, *, finite: bool = True) -> Tensor:
-    """Validate a non-empty (..., K) tensor of per-class values with K >= ``min_classes``; returns float64."""
+def class_vectors(x: Tensor | list, name: str, *, finite: bool = True) -> Tensor:
+    """Validate a non-empty (..., K) tensor of per-class values with K >= 2; returns float64."""
     t = as_float64(x, name, finite=finite)
     if t.ndim == 0:
-        raise ValueError(f"{name} must have a trailing class dimension of size K >= {min_classes}, got a scalar")
-    if t.shape[-1] < min_classes:
-        raise ValueError(f"{name} needs K >= {min_classes} classes in its last dimension, got shape {tuple(t.shape)}")
+        raise ValueError(f"{name} must have a trailing class dimension of size K >= 2, got a scalar")
+    if t.shape[-1] < 2:
+        raise ValueError(f"{name} needs K >= 2 classes in its last dimension, got shape {tuple(t.shape)}")
     return t
 
 
 def same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     """Raise ValueError unless ``a`` and ``b`` have identical shapes."""
     if a.shape != b.shape:
-        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}; "
-                         "they must match")
+        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}: they must match")
 
 
 def finite_spread(spread: Tensor, name: str = "slopes") -> Tensor:
@@ -66,10 +62,10 @@ def live_mask(live: Tensor, shape: torch.Size, name: str = "live") -> Tensor:
 
 
 def live_values(values: Tensor, live: Tensor, name: str) -> Tensor:
-    """``values`` with masked entries (live False) replaced by their row's smallest live value.
+    """``values`` with masked entries replaced by their row's smallest live value (live max and min unchanged).
 
-    A masked class carries no weight, so its slope is meaningless; the replacement leaves every row's live max and
-    min unchanged, so later code can reduce over whole rows. Raises ValueError on NaN or ±inf at a live class.
+    Masked slopes are meaningless, so later code can reduce over whole rows. Raises ValueError on NaN or ±inf at a live
+    class.
     """
     if not torch.isfinite(values[live]).all():
         raise ValueError(f"{name} contains NaN or inf values at live classes (masked classes may hold anything)")
@@ -79,11 +75,10 @@ def live_values(values: Tensor, live: Tensor, name: str) -> Tensor:
 
 
 def softmax_line(logits: Tensor, slopes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """Validate logits z and slopes a of F(t) = Σ_k softmax(z)_k e^{a_k t}; returns float64 (z, a, live).
+    """Validated float64 (z, a, live) of F(t) = Σ_k softmax(z)_k e^{a_k t}; live = z > −inf (−inf masks a class).
 
-    A logit of −inf masks its class (softmax weight 0): live = z > −inf, and masked slopes are replaced as in
-    ``live_values``. Raises ValueError on mismatched shapes, empty input, K < 2, NaN or +inf logits, a row with no
-    live class, NaN/inf slopes at live classes, or a live-slope spread that overflows float64.
+    Masked slopes are replaced as in ``live_values``. Raises ValueError on mismatched shapes, empty input, K < 2, NaN
+    or +inf logits, a row with no live class, NaN/inf slopes at live classes, or a spread that overflows float64.
     """
     z = class_vectors(logits, "logits", finite=False)
     a = class_vectors(slopes, "slopes", finite=False)
@@ -124,10 +119,3 @@ def check_labels(labels: Tensor | list, num_classes: int, name: str = "labels") 
         raise ValueError(f"{name} must lie in [0, {num_classes}), got range [{t.min().item()}, {t.max().item()}]")
     return t
 
-
-def check_nonnegative(x: Tensor | float, name: str) -> Tensor:
-    """Validate a finite, non-negative real (tensor); returns float64."""
-    t = as_float64(x, name)
-    if (t < 0).any():
-        raise ValueError(f"{name} must be >= 0, got min {t.min().item():.3g}")
-    return t

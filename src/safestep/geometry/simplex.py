@@ -1,31 +1,13 @@
 """Admissible steps in belief space (Li & Li, arXiv 2605.06741; docs/geometry.md, docs/belief_support.md).
 
-A belief p lies on the simplex Δ = {p_i >= 0, Σ p_i = 1}; its tangent space is T = {v : Σ v_i = 0}.
-The CE energy E(p) = −Σ y_k log p_k has the Hessian diag(y/p²). Its Fisher proxy diag(1/p) (exact at the fixed
-point p = y; the expected Hessian over labels y ~ p) gives the local constants μ = 1/max p (strong convexity) and
-L = 1/min p (smoothness). Step-size rules (``RULES``):
-
-* ``"paper"``   the paper's certificate 2μ/L² = 2·min p²/max p (sufficient, loose);
-* ``"sharp"``   the gradient-step threshold 2/L = 2·min p of a convex L-smooth energy;
-* ``"tangent"`` the exact local threshold 2/θ_max of the projected step at p = y, θ_max = λ_max of diag(1/p) on T;
-* ``"support"`` 2/θ_max for the energy of a given target y, θ_max = λ_max of the true Hessian diag(y/p²) on T.
-  Curvature lives on the support of y only: for a one-hot label c it is 2·p_c²·K/(K − 1), free of the vocabulary
-  size. Below it the *projected* step is Euclidean-*nonexpansive* (not contracting: a one-hot energy has μ = 0, and
-  KL between two beliefs can grow); taken at both beliefs of a pair this holds for any target, but with a soft
-  target the projected step can land where p_k = 0 < y_k (E = +∞). The mirror step keeps p > 0 and, for a one-hot
-  label, lowers E for every η > 0 (docs/belief_support.md §3).
-
-Guarantees, stated exactly: "paper" is the paper's KL-contraction certificate, which holds near the fixed point only
-(the rigorous global form is Euclidean); "sharp"/"tangent" are thresholds of the Fisher proxy; "support" is a
-nonexpansiveness threshold. ``belief_step_cap`` pulls any of them back to a parameter step to *first order* only;
-``belief_radius`` is that cap never beyond a certified radius ≤ ρ* (R_w of ``weighted_radius`` by default, or
-π/Δ_a): the bound to cap steps with.
-
-The first three use the Fisher proxy and need no target; "support" takes a target (default: the fixed point y = p,
-where it equals "tangent"; ``belief_step_cap`` builds it from the labels). The entropy backoff 1/(1 + α(B)),
-α(B) = −log(1 − B), shrinks every rule for diffuse beliefs. All functions take (..., K) tensors, work in float64
-and return one value per belief with shape (...). Beliefs on the closed simplex (zeros allowed) are accepted;
-negative entries, |Σ p − 1| > 1e-6, non-finite values, empty input or K < 2 raise ValueError.
+A belief p lies on the simplex Δ, with tangent space T = {v : Σ v_i = 0}. The CE energy E(p) = −Σ y_k log p_k has
+Hessian diag(y/p²) and Fisher proxy diag(1/p). Rules (``RULES``): "paper" 2·min p²/max p, the paper's KL-contraction
+certificate (near the fixed point only); "sharp" 2·min p and "tangent" 2/θ_max(diag(1/p)), thresholds of the Fisher
+proxy; "support" 2/θ_max(diag(y/p²)), below which the projected step is Euclidean-nonexpansive (not contracting).
+The entropy backoff 1/(1 + α(B)) shrinks every rule for diffuse beliefs. ``belief_step_cap`` pulls a rule back to a
+parameter step to *first order* only; ``belief_radius`` is that cap never beyond a certified radius ≤ ρ*: the bound
+to cap steps with. Inputs (..., K), float64 inside, one value per belief (...). Beliefs on the closed simplex are
+accepted; negative entries, |Σ p − 1| > 1e-6, non-finite values, empty input or K < 2 raise ValueError.
 """
 from __future__ import annotations
 
@@ -39,19 +21,8 @@ from ._checks import as_float64, check_belief, check_labels, same_shape, softmax
 from .radius import radius_lower_bound
 from .weighted import weighted_radius
 
-__all__ = [
-    "RULES",
-    "normalized_entropy",
-    "barrier",
-    "backoff",
-    "max_step",
-    "ads_step",
-    "mse_step",
-    "belief_step_cap",
-    "CertifiedRadius",
-    "spread_radius",
-    "belief_radius",
-]
+__all__ = ["RULES", "normalized_entropy", "barrier", "backoff", "max_step", "ads_step", "mse_step", "belief_step_cap",
+           "CertifiedRadius", "spread_radius", "belief_radius"]
 
 RULES = ("paper", "sharp", "tangent", "support")
 _BISECTION_STEPS = 64  # halvings of a log-width <= 1500: leaves a relative error below 1e-16
@@ -74,11 +45,7 @@ def _alpha_from_deficit(deficit: Tensor, eps: float) -> Tensor:
 
 
 def _softmax(z: Tensor) -> Tensor:
-    """exp(z − max z)/Σ exp(z − max z) over the last dimension (entries of −inf give 0).
-
-    Written out because torch.softmax parallelises even tiny inputs: on a loaded machine each call then costs
-    milliseconds, which dominates loops of small belief updates.
-    """
+    """exp(z − max z)/Σ exp(z − max z) over the last dimension (−inf gives 0); torch.softmax threads tiny inputs."""
     e = (z - z.amax(dim=-1, keepdim=True)).exp()
     return e / e.sum(dim=-1, keepdim=True)
 
@@ -111,10 +78,7 @@ def barrier(B: Tensor | float, eps: float = 1e-10) -> Tensor:
 
 
 def backoff(p: Tensor, eps: float = 1e-10) -> Tensor:
-    """1/(1 + α(B(p))) ∈ (0, 1]: 1 for a one-hot belief, → 0 as p → uniform (exactly 0 there when ε = 0).
-
-    1 − B is computed as KL(p‖uniform)/log K, so the barrier is accurate for nearly uniform beliefs.
-    """
+    """1/(1 + α(B(p))) ∈ (0, 1]: 1 for a one-hot belief, → 0 as p → uniform (exactly 0 there when ε = 0)."""
     q = check_belief(p, "p")
     return 1.0 / (1.0 + _alpha_from_deficit(_entropy_deficit(q, q.shape[-1]), _check_eps(eps)))
 
@@ -190,10 +154,9 @@ def ads_step(p: Tensor, rule: str = "paper", eps: float = 1e-10, *, target: Tens
 
 
 def mse_step(p: Tensor | None = None, *, B: Tensor | float | None = None, eps: float = 1e-10) -> Tensor:
-    """η_MSE = 1/(1 + α(B)) (endpoint η^MSE_max = 1); pass a belief ``p`` positionally or entropies as ``B=``.
+    """η_MSE = 1/(1 + α(B)) (endpoint 1) of exactly one of a belief ``p`` (..., K) or entropies ``B=`` (...) in [0, 1].
 
-    Exactly one of ``p`` (shape (..., K)) and the keyword-only ``B`` (shape (...), values in [0, 1]) must be given;
-    the result then has shape (...). With ``p`` the value equals ``backoff(p, eps)``.
+    With ``p`` it equals ``backoff(p, eps)``.
     """
     if (p is None) == (B is None):
         raise ValueError("mse_step needs exactly one of a belief p (positional) or normalized entropies B= (keyword)")
@@ -244,29 +207,16 @@ def belief_step_cap(
 ) -> Tensor:
     """τ_max,n = η_adm(p_n)·‖P_T g_n‖/‖J_s(p_n) a_n‖, the largest τ with first-order η_eff,n(τ) <= η_adm(p_n).
 
-    **First order, not a bound**: it can exceed the row's convergence radius ρ* (and can be inf while the row's
-    loss explodes along the step); to cap steps use ``belief_radius``, which never exceeds a certified radius.
-    First-order pull-back (docs/geometry.md): a step τ moves logits by τ·a_n (a = ``logit_slopes``, dz/dτ) and the
-    belief by Δp_n ≈ τ·J_s a_n with J_s = diag(p) − ppᵀ; the effective belief-space step is
-    η_eff,n = ‖Δp_n‖/‖P_T g_n‖ with g_n = −y_n/p_n the CE gradient, and η_adm = ``max_step(p, rule)``, times
-    ``1/(1 + α(B))`` when ``backoff`` is true. The target y_n is the one-hot label, label-smoothed with ``smoothing``
-    s: y = (1 − s)·e_label + s/k over the k live classes (PyTorch's ``label_smoothing``).
-
-    Rule "support" with a one-hot label c compares moves along the energy's only curved direction, the label
-    coordinate: η_eff = |Δp_c|/|(P_T g)_c| with (P_T g)_c = −(1 − 1/k)/p_c and Δp_c ≈ τ·p_c·(a_c − Σ_k p_k a_k), so
-    τ_max = η_adm·(k − 1)/(k·p_c²·|a_c − ā|) = 2/|d log p_c/dτ| (times the backoff): to first order a step may
-    change the row's loss −log p_c by at most 2 nats (docs/belief_support.md §6).
-
-    Masked classes (−inf logits) are dropped: p, the rules, B and T are taken on the face of the k live classes,
-    and their slopes are ignored whatever their value. A row with one live class cannot move: τ_max = inf.
-    Without labels we take the predicted class argmax p_n as the label. For the Fisher rules ("paper", "sharp",
-    "tangent") this is the worst case over one-hot labels (the smallest ‖P_T g‖, hence the smallest cap), so the
-    cap stays valid whatever the true label is. For "support" it is not: its cap depends on the label's own slope,
-    so without labels it certifies the step for the predicted label only (docs/belief_support.md).
-    The locally normalized proxy y = p cannot be used: its gradient −1 is normal to the simplex, P_T g = 0, and the
-    cap would be 0 for every sample. Returns shape (...); inf where J_s a = 0 (the belief does not move), except
-    that for the Fisher rules η_adm = 0 (only when a live entry of p underflows to 0) gives 0, the conservative
-    choice; the one-hot "support" cap 2/|d log p_c/dτ| needs no p_c² and survives an underflowing p_c.
+    **First order, not a bound**: it can exceed the row's radius ρ* (and be inf while the row's loss explodes along
+    the step); to cap steps use ``belief_radius``. A step τ moves the logits by τ·a_n (a = ``logit_slopes``) and the
+    belief by Δp_n ≈ τ·J_s a_n, J_s = diag(p) − ppᵀ; η_eff,n = ‖Δp_n‖/‖P_T g_n‖ with g_n = −y_n/p_n, and
+    η_adm = ``max_step(p, rule)``, times 1/(1 + α(B)) when ``backoff``. y_n = (1 − s)·e_label + s/k over the k live
+    classes (s = ``smoothing``, PyTorch's ``label_smoothing``). "support" with a one-hot label compares the label
+    coordinate's own move: τ_max = 2/|d log p_c/dτ| times the backoff (docs/belief_support.md §6).
+    Masked classes (−inf logits) are dropped: p, the rules, B and T live on the face of the k live classes; a row
+    with one live class gives inf. Without labels the label is argmax p: the worst case over one-hot labels for the
+    Fisher rules, the predicted label only for "support" (docs/belief_support.md §5). Returns (...): inf where
+    J_s a = 0, 0 where a Fisher rule's η_adm = 0 (a live p underflows); the one-hot "support" cap needs no p_c².
     """
     z, a, live = softmax_line(logits, logit_slopes)
     _check_rule(rule)
@@ -296,10 +246,7 @@ CertifiedRadius = Callable[[Tensor, Tensor], Tensor]
 
 
 def spread_radius(logits: Tensor, logit_slopes: Tensor) -> Tensor:
-    """π/Δ_a with Δ_a the spread of the live slopes: a certified lower bound on ρ* (inf where Δ_a = 0).
-
-    The cheapest certified radius for ``belief_radius``; masked classes (−inf logits) are left out of the spread.
-    """
+    """π/Δ_a over the live slopes: the cheapest certified lower bound on ρ* for ``belief_radius`` (inf at Δ_a = 0)."""
     _, a, live = softmax_line(logits, logit_slopes)
     return radius_lower_bound(a, live=live)
 
@@ -317,15 +264,10 @@ def belief_radius(
 ) -> Tensor:
     """τ_n = min(τ_max,n, R_n): the belief rule's first-order pull-back, never beyond a certified radius R_n <= ρ*_n.
 
-    τ_max,n is ``belief_step_cap`` with the same arguments (the rule's admissible belief step, pulled back to first
-    order); R_n = ``certified(logits, logit_slopes)`` must be a certified lower bound on the row's convergence
-    radius ρ*_n (default R_w, ``geometry.weighted_radius``, which weighs classes by probability and is >= π/Δ_a;
-    ``spread_radius`` gives π/Δ_a). So τ_n <= ρ*_n for every row whatever the rule: a step of length
-    τ_n along the slopes keeps the row's linearized cross-entropy inside the disk where its Taylor series converges,
-    and, where the pull-back binds, moves the belief no more than the rule admits to first order.
-    Why the minimum is needed (docs/belief_support.md §6): a belief move is bounded (‖Δp‖₁ <= 2) while the loss
-    is not, so no belief-space criterion, first order or exact along the path, can bound the loss on its own.
-    NaN radii (non-finite input to ``certified``) propagate: no certificate.
+    τ_max,n is ``belief_step_cap`` with the same arguments; R_n = ``certified(logits, logit_slopes)`` must be a
+    certified lower bound on ρ*_n (default R_w of ``weighted_radius``, >= π/Δ_a; ``spread_radius`` gives π/Δ_a). So
+    τ_n <= ρ*_n for every row whatever the rule; no belief criterion bounds the loss on its own (a belief move is
+    bounded, the loss is not: docs/belief_support.md §6.1). NaN radii propagate: no certificate.
     """
     cap = belief_step_cap(logits, logit_slopes, labels, rule, backoff, eps, smoothing=smoothing)
     radius = torch.as_tensor(certified(logits, logit_slopes), dtype=torch.float64, device=cap.device)
