@@ -27,13 +27,11 @@ __all__ = ["StepReport", "History", "ReportSink", "CSVSink", "JSONLSink", "Tenso
 class StepReport:
     """One guarded step: the proposed update's length τ = ‖Δθ‖, the radius ρ along it, and what was applied.
 
-    ``r_proposed = τ/ρ`` is the inner optimizer's step in radius units (before scaling); ``scale`` is the factor s
-    applied to Δθ and ``r_applied = s·τ/ρ`` the applied step in radius units (at most the guard's ``r`` in cap
-    mode; 0 when skipped). ``bound`` names the bound that set ρ (the binding member of a minimum of bounds),
-    ``method`` the slope estimator that ran ("jvp", "fd", "reuse", or "none" when no probe was needed),
-    ``rows_probed`` the number of batch rows (samples or sequences) the probe covered and ``rows_in_batch`` the
-    batch rows there were, ``skipped`` whether the parameters were left at θ0 (``reason`` says why), ``seconds``
-    the wall time of ``step()``, ``step`` the index of the guarded step (counted across checkpoints).
+    ``r_proposed = τ/ρ`` (before scaling), ``scale`` s and ``r_applied = s·τ/ρ`` (0 when skipped) as in
+    docs/integrations.md, "What is logged"; ``bound`` names the bound that set ρ (the binding member of a minimum),
+    ``method`` the slope estimator that ran ("jvp", "fd", "reuse"; "none" without a probe), ``skipped`` whether
+    the parameters were left at θ0 (``reason`` says why), ``seconds`` the wall time of ``step()``, ``step`` its
+    index (counted across checkpoints).
     """
 
     tau: float
@@ -343,18 +341,14 @@ class History:
 
 
 _FIELD_TYPES: dict[str, type] = get_type_hints(StepReport)
-_OPTIONAL = {"reason": "", "rows_in_batch": 0}
-"""Fields that files written by earlier versions lack, with the value they read as."""
-_RENAMED = {"rows_probed": "probe_size"}
-"""Fields under their earlier column name."""
+_OPTIONAL = {"reason": "", "rows_in_batch": 0}  # fields that files of earlier versions lack, with their value
+_RENAMED = {"rows_probed": "probe_size"}  # fields under their earlier column name
 
 
 def read_reports(path: str | Path) -> list[StepReport]:
-    """The reports in a file written by ``CSVSink``/``JSONLSink`` (or ``History.to_csv``/``to_jsonl``), oldest first.
-
-    The format is read from the content (a first line starting with "{" is JSON lines). Raises OSError when the
-    file cannot be read and ValueError, naming the file and line, when it does not hold step reports.
-    """
+    """The reports in a file written by ``CSVSink``/``JSONLSink`` (or ``History.to_csv``/``to_jsonl``), oldest first;
+    a first line starting with "{" is JSON lines. Raises OSError when the file cannot be read and ValueError, naming
+    the file and line, when it does not hold step reports."""
     path = Path(path)
     try:
         lines = path.read_text(encoding="utf-8").splitlines()

@@ -23,10 +23,7 @@ _MAX_WRAPPER_DEPTH = 8
 
 def unwrap_safestep(optimizer: Any) -> SafeStep | None:
     """The SafeStep inside framework wrappers (LightningOptimizer, accelerate's AcceleratedOptimizer), or None.
-
-    LightningOptimizer keeps the wrapped optimizer in ``_optimizer`` and fakes its class (it passes
-    ``isinstance(·, SafeStep)``), so ``_optimizer`` is followed first; other wrappers expose ``.optimizer``.
-    """
+    LightningOptimizer fakes its class (it passes ``isinstance(·, SafeStep)``), so its ``_optimizer`` goes first."""
     for _ in range(_MAX_WRAPPER_DEPTH):
         if optimizer is None:
             return None
@@ -41,11 +38,8 @@ def unwrap_safestep(optimizer: Any) -> SafeStep | None:
 
 
 def without_keys(inputs: Inputs, keys: Collection[str]) -> Inputs:
-    """A captured call (or keyword dict) with the keyword arguments named in ``keys`` removed; positional ones are kept.
-
-    Frameworks call the model with the labels and loss options (HF ``labels``; OLMo-core ``labels``,
-    ``loss_reduction``, ...), so that it returns a loss; the probe drops them to get the logits.
-    """
+    """A captured call (or keyword dict) without the keyword arguments named in ``keys`` (positional ones are kept):
+    the framework's call minus its labels and loss options, which returns the logits instead of a loss."""
     if isinstance(inputs, CallArgs):
         return CallArgs(inputs.args, {k: v for k, v in inputs.kwargs.items() if k not in keys})
     if isinstance(inputs, Mapping):

@@ -1,9 +1,7 @@
 """PyTorch Lightning: feed the training batch to SafeStep and log its reports through ``pl_module.log``.
 
-Return ``SafeStep(inner, self)`` (or a submodule) from ``configure_optimizers`` and add ``SafeStepCallback()``.
-Both of Lightning's step paths (``SafeStep.step(closure)``; ``scaler.step`` under 16-mixed) run
-``on_before_optimizer_step`` after the backward and before the guard, where the callback hands over a fallback
-batch. Fabric needs no callback, only ``fabric_logits_fn`` under a mixed precision (docs/integrations.md).
+Return ``SafeStep(inner, self)`` (or a submodule) from ``configure_optimizers`` and add ``SafeStepCallback()``;
+Fabric needs no callback, only ``fabric_logits_fn`` under a mixed precision (docs/integrations.md).
 """
 from __future__ import annotations
 
@@ -43,10 +41,9 @@ def default_batch_to_inputs(batch: Any) -> Inputs:
         return batch
     if isinstance(batch, (tuple, list)) and batch:
         return batch[0]
-    raise ValueError(
-        f"cannot tell the model inputs in a training batch of type {type(batch).__name__}; "
-        "pass SafeStepCallback(batch_to_inputs=lambda batch: ...) returning what the guarded model is called on"
-    )
+    raise ValueError(f"cannot tell the model inputs in a training batch of type {type(batch).__name__}; pass "
+                     "SafeStepCallback(batch_to_inputs=lambda batch: ...) returning what the guarded model is "
+                     "called on")
 
 
 class SafeStepCallback(pl.Callback):
@@ -89,7 +86,8 @@ class SafeStepCallback(pl.Callback):
         self._batch = batch
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        """After forward and backward: if the forward hook captured nothing, hand it the default inputs."""
+        """After forward and backward, before the guard (on both of Lightning's step paths, ``SafeStep.step(closure)``
+        and ``scaler.step``): if the forward hook captured nothing, hand it the default inputs."""
         guard = unwrap_safestep(optimizer)
         if guard is None or guard.capture is None or self.batch_to_inputs is not None or self._batch is None:
             return

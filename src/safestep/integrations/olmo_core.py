@@ -1,10 +1,7 @@
 """OLMo-core: SafeStep as an optimizer config, and its statistics in the OLMo-core Trainer's metrics.
 
-OLMo-core builds the optimizer from an ``OptimConfig`` after parallelizing the model, so ``SafeStepConfig`` builds
-the inner config and guards it on the parallelized model (FSDP2 shards included); ``olmo_logits_fn`` and
-``olmo_labels`` replay the train module's call for logits and labels. ``OLMoSafeStep`` lets through the
-zero-learning-rate step by which ``torch.distributed.checkpoint`` initializes the optimizer state (its
-``_init_optim_state``, before any batch) unguarded. Recipe and reasons: docs/integrations.md, "OLMo-core".
+OLMo-core builds the optimizer from an ``OptimConfig`` after parallelizing the model, so ``SafeStepConfig`` guards
+the inner config's optimizer on the parallelized model. Recipe and reasons: docs/integrations.md, "OLMo-core".
 """
 from __future__ import annotations
 
@@ -64,13 +61,9 @@ class OLMoSafeStep(SafeStep):
 
 @dataclass
 class SafeStepConfig(OptimConfig):
-    """An ``OptimConfig`` that builds ``optim`` and guards it with SafeStep (the options are SafeStep's).
-
-    ``TransformerTrainModuleConfig(optim=SafeStepConfig(optim=AdamWConfig(lr=3e-4, weight_decay=0.1)), ...)``.
-    ``group_overrides``, ``compile`` and ``fixed_fields`` belong to the inner config and are not used here. The
-    scheduler sets the learning rate in the guard's param groups, which are the inner optimizer's. Set the train
-    module's ``label_ignore_index`` and ``ignore_index`` alike (both default to −100).
-    """
+    """An ``OptimConfig`` that builds ``optim`` and guards it with SafeStep (the options are SafeStep's); its own
+    ``group_overrides``, ``compile`` and ``fixed_fields`` are unused (the inner config's apply). Set the train
+    module's ``label_ignore_index`` and ``ignore_index`` alike (both default to −100)."""
 
     optim: OptimConfig = field(default_factory=AdamWConfig)
     r: float = 1.0

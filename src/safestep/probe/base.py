@@ -25,10 +25,8 @@ probe evaluates), and "auto" (the JVP, central differences where an operation ha
 
 
 class Displacement:
-    """θ0 and the proposed update Δθ = θ1 − θ0 (tensor lists, parameter order), τ = ‖Δθ‖ and ‖θ0‖ (0-dim float64).
-
-    ‖θ0‖ may be given as a function: it is computed the first time ``theta_norm`` is read, and kept.
-    """
+    """θ0 and the proposed update Δθ = θ1 − θ0 (tensor lists, parameter order), τ = ‖Δθ‖ and ‖θ0‖ (0-dim float64);
+    ‖θ0‖ may be given as a function, computed the first time ``theta_norm`` is read, and kept."""
 
     def __init__(self, theta0: list[Tensor], delta: list[Tensor], tau: Tensor,
                  theta_norm: Tensor | Callable[[], Tensor]) -> None:

@@ -38,12 +38,10 @@ TensorDict = dict[str, Tensor]
 def require_forward(model: nn.Module, logits_fn: LogitsFn | None) -> None:
     """Raise ValueError when the model cannot be called (no ``forward``) and no ``logits_fn`` says how to probe it."""
     if logits_fn is None and type(model).forward is nn.Module.forward:
-        raise ValueError(
-            f"{type(model).__name__} has no forward(), so SafeStep cannot call it to probe the logits (a LightningModule "
-            "whose training_step calls a submodule, say self.net). Pass the network that produces the logits, "
-            "SafeStep(optimizer, self.net) (the optimizer must optimize its parameters), or say how to get them: "
-            "logits_fn=lambda model, inputs: model.net(inputs)"
-        )
+        raise ValueError(f"{type(model).__name__} has no forward(), so SafeStep cannot call it to probe the logits "
+                         "(a LightningModule whose training_step calls a submodule, say self.net). Pass the network "
+                         "that produces the logits, SafeStep(optimizer, self.net) (the optimizer must optimize its "
+                         "parameters), or say how to get them: logits_fn=lambda model, inputs: model.net(inputs)")
 
 
 def logits_of(model: nn.Module, inputs: Inputs, logits_fn: LogitsFn | None) -> Tensor:
@@ -93,10 +91,8 @@ def check_logits(logits: object) -> Tensor:
 
 
 class LogitProbe:
-    """Directional logit derivatives of one dense model: ``along(params, step, inputs, method)`` -> Slopes.
-
-    ``probe(params, direction, inputs, method)`` is the same measurement for named tensors and a given direction.
-    """
+    """Directional logit derivatives of one dense model: ``along(params, step, inputs, method)`` -> Slopes for a
+    guarded step, ``probe(params, direction, inputs, method)`` for named tensors and a given direction."""
 
     def __init__(self, model: nn.Module, logits_fn: LogitsFn | None = None) -> None:
         require_forward(model, logits_fn)
@@ -133,10 +129,8 @@ class LogitProbe:
 
     def along(self, params: Sequence[Tensor], step: Displacement, inputs: Inputs, method: str,
               reference: Tensor | None = None) -> Slopes:
-        """a = J_z(θ0)·Δθ/τ; ``params`` are the live parameters (holding θ1 = θ0 + Δθ), in ``step``'s order.
-
-        Method "reuse" takes ``reference`` = z(θ0) from the training forward and runs one forward at θ0 + h·v.
-        """
+        """a = J_z(θ0)·Δθ/τ; ``params`` are the live parameters (holding θ1 = θ0 + Δθ), in ``step``'s order. Method
+        "reuse" takes ``reference`` = z(θ0) from the training forward and runs one forward at θ0 + h·v."""
         names = self.names(params)
         theta0 = dict(zip(names, step.theta0))
 
@@ -159,10 +153,8 @@ class LogitProbe:
         return self._measure(theta0, dict(zip(names, step.delta)), step.inverse_tau, finite_difference, inputs, method)
 
     def __call__(self, params: TensorDict, direction: TensorDict, inputs: Inputs, method: str = "auto") -> Slopes:
-        """a = J_z(θ0)·v at ``params`` (θ0 by name) along ``direction`` (v, same names; unit norm for slopes per unit τ).
-
-        Parameters not named in ``params`` keep their current value and have zero tangent.
-        """
+        """a = J_z(θ0)·v at ``params`` (θ0 by name) along ``direction`` (v, same names; unit norm for slopes per
+        unit τ); parameters not named keep their current value and have zero tangent."""
         if params.keys() != direction.keys():
             raise ValueError("params and direction must name the same tensors")
         mismatched = [name for name, theta in params.items() if direction[name].shape != theta.shape]
@@ -174,7 +166,8 @@ class LogitProbe:
 
         def fd_point(weight: float) -> TensorDict:
             dtype = self._compute_dtype(params)
-            return dict(zip(names, torch._foreach_add([t.to(dtype) for t in theta], [t.to(dtype) for t in v], alpha=weight)))
+            moved = torch._foreach_add([t.to(dtype) for t in theta], [t.to(dtype) for t in v], alpha=weight)
+            return dict(zip(names, moved))
 
         def finite_difference() -> Slopes:
             h = float(fd_step(global_norm(theta), theta[0].dtype))
@@ -250,22 +243,18 @@ class LogitProbe:
         switched = [m for m in self._switchable if m.training]
         attention = [(m, m.dropout) for m in self._attention]
         cuda = sorted({p.device.index or 0 for p in self._params if p.device.type == "cuda"})
-        cpu_state = torch.get_rng_state()
-        cuda_states = [torch.cuda.get_rng_state(device) for device in cuda]
         try:
             for m in switched:
                 m.training = False
             for m, _ in attention:
                 m.dropout = 0.0
-            yield
+            with torch.random.fork_rng(devices=cuda, device_type="cuda"):
+                yield
         finally:
             for m in switched:
                 m.training = True
             for m, p in attention:
                 m.dropout = p
-            torch.set_rng_state(cpu_state)
-            for device, state in zip(cuda, cuda_states):
-                torch.cuda.set_rng_state(state, device)
 
 
 Places = dict[str, list[tuple[dict, str]]]

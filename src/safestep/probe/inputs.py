@@ -41,10 +41,8 @@ def call_model(model: nn.Module, inputs: Inputs) -> Any:
 
 def extract_logits(output: Any) -> Tensor:
     """The logits in a model output: the tensor itself, ``output.logits``, ``output["logits"]`` or the first tensor
-    of a tuple/list with at least two dimensions (``(loss, logits)`` as some models return it).
-
-    ValueError, saying what was received, when none of these is a floating tensor with a class dimension.
-    """
+    of a tuple/list with at least two dimensions (``(loss, logits)``). ValueError, saying what was received, when
+    none of these is a floating tensor with a class dimension."""
     found: Any = output
     if isinstance(getattr(output, "logits", None), Tensor):
         found = output.logits
@@ -154,13 +152,10 @@ Scorer = Callable[[CallArgs, Any], "Tensor | None"]
 
 
 class InputCapture:
-    """Forward hooks that keep the arguments of the model's latest gradient-recording call, as ``CallArgs``, and
-    optionally ``scorer(call, output)`` of that call (row scores for the probe's row choice).
-
-    Calls under ``torch.no_grad()``/``inference_mode`` (evaluation) and calls made while ``paused()`` are
-    ignored. The arguments are held by reference (no copy) until ``pop()``; the output is not kept. A scorer that
-    raises leaves the score None (the probe then falls back to a stride): it must never break the user's forward.
-    """
+    """Forward hooks that keep the arguments of the model's latest gradient-recording call (``CallArgs``, by
+    reference, until ``take()``; the output is not kept) and optionally ``scorer(call, output)`` of that call (row
+    scores; a scorer that raises leaves them None: it must never break the user's forward). Calls without grad or
+    while ``paused()`` are ignored."""
 
     def __init__(self, model: nn.Module, scorer: Scorer | None = None) -> None:
         self.latest: CallArgs | None = None

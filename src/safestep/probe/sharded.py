@@ -1,9 +1,8 @@
 """Slopes of sharded (FSDP2 ``fully_shard``) parameters: a central difference through the module's own forward.
 
-The model's forward all-gathers the shards, so the probe perturbs this rank's local shards in place,
-θ_local ← θ0_local + w·Δθ_local (w = ±h/τ, the step rule ``fd_step``), calls the model, and restores the shards
-(bit for bit) and every buffer afterwards. Dropout is off and the RNG is forked as in the dense probe. Every rank
-must probe at the same time (the forward is a collective).
+The forward all-gathers, so the probe sets this rank's local shards to θ0 + w·Δθ (w = ±h/τ, ``fd_step``) in place
+and restores them (bit for bit) and every buffer afterwards; dropout is off and the RNG forked as in the dense
+probe. Every rank must probe at the same time (the forward is a collective).
 """
 from __future__ import annotations
 
