@@ -1,15 +1,10 @@
 """Convergence radius of the softmax cross-entropy along a step (Ghosts of Softmax; docs/geometry.md).
 
-F(t) = Σ_k w_k e^{a_k t} with w = softmax(logits), a = slopes; the line loss is analytic for |t| < ρ*,
-the modulus of F's nearest complex zero. All functions take (..., K) tensors and work in float64.
-A logit of −inf masks its class (action masks, padded vocabularies): its weight is 0, it drops out of F, and its
-slope is ignored whatever its value (NaN and ±inf included); every radius is taken over the live classes.
-
-The exact radius is found in normalized coordinates b = (a − mid-range)/Δ_a ∈ [−½, ½], where the
-zero-free strip is |Im t| < π: Newton on F from the two-term ghosts of the upper Newton-polygon edges of
-the points (b_k, log w_k) proposes a zero, and the argument principle certifies that no zero lies strictly
-inside (1 − rtol)·|zero|. Rows that fail are bracketed by bisection on winding numbers and re-located.
-F is always evaluated with the largest term magnitude factored out, so huge logits or radii cannot overflow.
+F(t) = Σ_k w_k e^{a_k t} with w = softmax(logits), a = slopes; the line loss is analytic for |t| < ρ*, the modulus of
+F's nearest complex zero. All functions take (..., K) tensors and work in float64. A logit of −inf masks its class:
+its weight is 0 and its slope is ignored whatever its value (NaN and ±inf included). The exact radius is proposed by
+Newton from the ghosts of the Newton-polygon edges in normalized slopes b ∈ [−½, ½] and certified by the argument
+principle, F always evaluated with its largest term factored out (docs/geometry.md, "How exact_radius certifies").
 """
 from __future__ import annotations
 
@@ -20,14 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._checks import (
-    as_float64,
-    class_vectors,
-    finite_spread,
-    live_mask,
-    live_values,
-    softmax_line,
-)
+from ._checks import as_float64, class_vectors, finite_spread, live_mask, live_values, softmax_line
 from .weighted import weighted_radius
 
 __all__ = ["spread", "row_spread", "radius_lower_bound", "binary_radius", "exact_radius", "nearest_ghost",
@@ -35,14 +23,11 @@ __all__ = ["spread", "row_spread", "radius_lower_bound", "binary_radius", "exact
 
 
 def row_spread(slopes: Tensor, live: Tensor | None = None) -> Tensor:
-    """Δ_a = max_k a_k − min_k a_k per row over the live classes, as float64 of shape (...): the unvalidated hot path.
+    """Δ_a = max_k a_k − min_k a_k per row over the live classes, float64 (...): the unvalidated hot path.
 
-    The reductions run in the slopes' own floating dtype and device: no float64 copy of the input, no finiteness
-    scan, no host synchronisation. Only the reduced (...) maxima and minima are cast to float64 before subtracting,
-    so low-precision slopes lose nothing to the subtraction. With ``live=None`` exactly two reductions run; a bool
-    ``live`` (broadcastable to ``slopes``, True = live) adds two masked copies in the input's dtype. Invalid rows
-    show in the result instead of raising: NaN at a live class gives NaN, ±inf at a live class gives inf or NaN,
-    and a row with no live class gives −inf. Any non-finite entry is the caller's signal to reject that row.
+    Two reductions in the slopes' own dtype and device (a bool ``live`` mask adds two masked copies), no host read;
+    only the reduced values are cast to float64. Invalid rows come back non-finite instead of raising: NaN or ±inf
+    at a live class gives NaN or inf, a row with no live class −inf (docs/geometry.md, "The hot path").
     """
     if live is None:
         top, bottom = slopes.amax(dim=-1), slopes.amin(dim=-1)
@@ -83,26 +68,22 @@ def binary_radius(margin: Tensor | float, spread: Tensor | float) -> Tensor:
 def exact_radius(logits: Tensor, slopes: Tensor, rtol: float = 1e-8) -> Tensor:
     """ρ* = min{|t| : Σ_k softmax(z)_k e^{a_k t} = 0}, certified to relative tolerance rtol (inf where Δ_a = 0).
 
-    The returned r satisfies (1 − rtol)·r ≤ ρ* ≤ r: the argument principle shows no zero of F in
-    |t| < (1 − rtol)·r, and a zero of F has modulus r (a Newton-refined zero, whose presence is confirmed by
-    a zero count on |t| = (1 + rtol)·r, or the top of a bisection bracket of relative width ≤ rtol).
-    Inputs (..., K), any real dtype; returns float64 of shape (...) on the input's device. Classes with −inf
-    logits are masked out (their slopes ignored); a row with a single live class has ρ* = inf. Raises ValueError
-    on NaN or +inf logits, rows without a live class, NaN/inf slopes at live classes, overflowing spreads, empty
-    input, K < 2 or mismatched shapes.
+    The returned r satisfies (1 − rtol)·r ≤ ρ* ≤ r: the argument principle shows no zero of F in |t| < (1 − rtol)·r,
+    and a zero has modulus r (a Newton zero confirmed by a zero count on |t| = (1 + rtol)·r, or the top of a
+    bisection bracket of relative width ≤ rtol). Inputs (..., K) of any real dtype; float64 (...) on their device.
+    −inf logits mask their class (its slope ignored; one live class gives inf). Raises ValueError on NaN or +inf
+    logits, rows without a live class, NaN/inf live slopes, overflowing spreads, empty input, K < 2 or mismatched
+    shapes.
     """
     radius, _ = _exact(logits, slopes, rtol)
     return radius
 
 
 def nearest_ghost(logits: Tensor, slopes: Tensor) -> Tensor:
-    """The zero t of F(t) = Σ_k softmax(z)_k e^{a_k t} with |t| = ρ* and Im t > 0, as complex128 of shape (...).
+    """The zero t of F(t) = Σ_k softmax(z)_k e^{a_k t} with |t| = ρ* and Im t > 0 (zeros come in conjugate pairs).
 
-    F has real coefficients, so its zeros come in conjugate pairs (and none is real); the member with
-    Im t > 0 is returned. Where there is no zero (Δ_a = 0 over the live classes, e.g. a single live class) the
-    entry is NaN + NaN·j (not inf: there is no location to report). NaN also marks the rare row whose radius was
-    certified by bisection alone without Newton pinning the zero. Ties in modulus (e.g. t and −t̄ for
-    mirror-symmetric rows) return one of them. Masked classes and invalid input as in ``exact_radius``.
+    complex128 (...); NaN + NaN·j where there is no zero (Δ_a = 0) or the radius was certified by bisection alone.
+    Ties in modulus return one of them. Masked classes and invalid input as in ``exact_radius``.
     """
     _, ghost = _exact(logits, slopes, _DEFAULT_RTOL)
     return ghost
@@ -111,15 +92,10 @@ def nearest_ghost(logits: Tensor, slopes: Tensor) -> Tensor:
 def min_exact_radius(logits: Tensor, slopes: Tensor, rtol: float = 1e-8) -> tuple[Tensor, int]:
     """min over rows of ρ*, with the flat row index, by branch and bound on the certified lower bounds R_w ≤ ρ*.
 
-    Every row (all leading dims flattened) gets R_w (``weighted_radius``, π/Δ_a ≤ R_w ≤ ρ*) in one chunked pass.
-    Rows are taken in ascending R_w: the first is solved exactly and sets the incumbent U; the next ones, _BRANCH at
-    a time, are screened by counting their zeros in |t| < U (argument principle) and only rows with a zero there are
-    solved. The search stops at the first row with R_w ≥ U, which no later row can beat. Returns (inf, 0) when every
-    Δ_a = 0. Masked classes (−inf logits) and invalid input are handled as in ``exact_radius``.
-    Memory: input checks and R_w run over chunks of rows (a few float32/float64 copies of ≤ 2^20 entries each); the
-    solver holds float64 copies of _BRANCH rows and evaluates F in chunks of ≤ _CHUNK_ELEMENTS (point × class)
-    entries, so the peak extra memory is O(2^20 + _BRANCH·K) entries (about 0.1 GB), whatever K, the number of
-    rows or the number of arc segments.
+    Rows are taken in ascending R_w (``weighted_radius``): the first sets the incumbent U; the next, _BRANCH at a
+    time, are solved only if they have a zero in |t| < U (argument principle); the search stops at the first row
+    with R_w ≥ U. Returns (inf, 0) when every Δ_a = 0; masked classes and invalid input as in ``exact_radius``.
+    Peak extra memory O(2^20 + _BRANCH·K) entries whatever the rows (docs/certified_radius.md).
     """
     _check_rtol(rtol)
     z, a = _checked_rows(logits, slopes)
@@ -152,9 +128,8 @@ def min_exact_radius(logits: Tensor, slopes: Tensor, rtol: float = 1e-8) -> tupl
 def _checked_rows(logits: Tensor, slopes: Tensor) -> tuple[Tensor, Tensor]:
     """(n, K) views of logits and slopes, validated as ``softmax_line`` would, chunk by chunk of rows.
 
-    A chunk is screened in its own dtype (finite row maxima of the logits, finite slopes, a spread that fits in
-    float64); only a chunk that fails the screen (masked classes with non-finite slopes, or an error) is checked by
-    ``softmax_line``, which raises on invalid input. Unusual input (shapes, dtypes, empty) goes to it whole.
+    A chunk is screened in its own dtype; only one that fails the screen goes through ``softmax_line``, which raises
+    on invalid input. Unusual input (shapes, dtypes, empty) goes to it whole.
     """
     plain = (isinstance(logits, Tensor) and isinstance(slopes, Tensor) and logits.shape == slopes.shape
              and logits.ndim >= 1 and logits.numel() > 0 and logits.shape[-1] >= 2
@@ -215,10 +190,10 @@ class _Problem(NamedTuple):
 _RE, _IM, _SCALE, _RISING, _FALLING, _SIZE = range(6)
 
 
-def _check_rtol(rtol: float) -> float:
+def _check_rtol(rtol: float) -> None:
     if not isinstance(rtol, (int, float)) or isinstance(rtol, bool) or not _MIN_RTOL <= rtol <= _MAX_RTOL:
-        raise ValueError(f"rtol must be a float in [{_MIN_RTOL:g}, {_MAX_RTOL:g}] (float64 cannot certify less), got {rtol!r}")
-    return float(rtol)
+        raise ValueError(f"rtol must be a float in [{_MIN_RTOL:g}, {_MAX_RTOL:g}] (float64 cannot certify less), "
+                         f"got {rtol!r}")
 
 
 def _prepare(logits: Tensor, slopes: Tensor, rtol: float) -> _Problem:
@@ -329,7 +304,8 @@ def _upper_zero_count(logw: Tensor, b: Tensor, radius: Tensor) -> tuple[Tensor, 
         bad = torch.nonzero(~ok & ~stuck).squeeze(-1)
         if bad.numel() == 0:
             break
-        pieces = (2 * bound[bad] / torch.maximum(end_l[bad], end_r[bad])).nan_to_num(posinf=_MAX_PIECES).ceil().clamp(4, _MAX_PIECES).long()
+        pieces = 2 * bound[bad] / torch.maximum(end_l[bad], end_r[bad])
+        pieces = pieces.nan_to_num(posinf=_MAX_PIECES).ceil().clamp(4, _MAX_PIECES).long()
         seg_row, phi_l, phi_r, s_l, s_r = _split(logw, b, radius, seg_row[bad], phi_l[bad], phi_r[bad],
                                                  s_l[bad], s_r[bad], pieces)
     turns = winding / (2 * math.pi)
@@ -365,7 +341,7 @@ def _split(logw: Tensor, b: Tensor, radius: Tensor, seg_row: Tensor, phi_l: Tens
 
 
 def _newton(logw: Tensor, b: Tensor, owner: Tensor, t: Tensor) -> Tensor:
-    """Damped Newton on F of rows ``owner`` (P,) from starts t (P,), folded into Im t > 0; NaN where it did not converge."""
+    """Damped Newton on F of rows ``owner`` (P,) from starts t (P,), folded into Im t > 0; NaN where it failed."""
     t = t.clone()
     residual = torch.full(t.shape, math.inf, dtype=torch.float64)
     active = torch.arange(t.numel())
@@ -382,17 +358,12 @@ def _newton(logw: Tensor, b: Tensor, owner: Tensor, t: Tensor) -> Tensor:
     return torch.where(ok, t, torch.full_like(t, _NAN_C))
 
 
-def _nearest(z: Tensor) -> Tensor:
-    """Per row of z (n, S), the entry of least modulus (NaN entries ignored; NaN if all are)."""
+def _newton_from(logw: Tensor, b: Tensor, starts: Tensor) -> Tensor:
+    """Nearest zero per row found by Newton from starts (n, S): NaN results ignored, NaN if all are."""
+    s = starts.shape[1]
+    z = _newton(logw, b, torch.arange(len(logw)).repeat_interleave(s), starts.reshape(-1)).reshape(-1, s)
     modulus = torch.where(torch.isnan(z.real), math.inf, z.abs())
     return z.gather(1, modulus.argmin(dim=1, keepdim=True)).squeeze(1)
-
-
-def _newton_from(logw: Tensor, b: Tensor, starts: Tensor) -> Tensor:
-    """Nearest zero per row found by Newton from starts (n, S)."""
-    s = starts.shape[1]
-    z = _newton(logw, b, torch.arange(len(logw)).repeat_interleave(s), starts.reshape(-1))
-    return _nearest(z.reshape(-1, s))
 
 
 def _hull_ghosts(logw: Tensor, b: Tensor) -> Tensor:
@@ -474,7 +445,8 @@ def _solve_normalized(logw: Tensor, b: Tensor, rtol: float) -> tuple[Tensor, Ten
         found = todo[~torch.isnan(ghost[todo].real)]
         modulus = ghost[found].abs()
         both = torch.cat([found, found])
-        count, count_ok = _upper_zero_count(logw[both], b[both], torch.cat([modulus * (1 - rtol), modulus * (1 + rtol)]))
+        circles = torch.cat([modulus * (1 - rtol), modulus * (1 + rtol)])
+        count, count_ok = _upper_zero_count(logw[both], b[both], circles)
         (inner, outer), (inner_ok, outer_ok) = count.chunk(2), count_ok.chunk(2)
         clean = (inner == 0) & inner_ok
         certified = clean & (outer > 0) & outer_ok
