@@ -175,7 +175,8 @@ class Calibration:
             f", the whole batch's r estimated as r_proposed × {scale:.2f}, the median overstatement"
         if fitting:
             r = fitting[0]
-            reasons.insert(0, f"r={r:g}: the smallest of {_listed(self.radii)} that caps at most "
+            candidates = "{" + ", ".join(f"{v:g}" for v in self.radii) + "}"
+            reasons.insert(0, f"r={r:g}: the smallest of {candidates} that caps at most "
                               f"{self.rule.max_cap_share:.0%} of the steps: {shares[r]:.1%}{estimated}")
         else:
             r = max(self.radii)
@@ -205,7 +206,8 @@ class Calibration:
             return DEFAULT_PROBE, False, [f"probe: not compared (the source holds one probe per step, {covered}); "
                                           "run calibrate on a training script to compare with the whole batch"]
         worst, limit = self.max_overstatement, self.rule.max_overstatement
-        cost = _ratio(self.seconds.get("whole batch"), self.seconds.get("default probe"))
+        whole, default = self.seconds.get("whole batch"), self.seconds.get("default probe")
+        cost = whole / default if whole is not None and default is not None and default > 0 else math.inf
         if worst > limit:
             return None, True, [f"probe_size=None: on a compared step the default probe's ρ was {worst:.2f}× the whole "
                                 f"batch's (> {limit:g}×)"]
@@ -222,7 +224,8 @@ class Calibration:
                  + (f" ({self.unmeasured} without a finite r)" if self.unmeasured else "")
                  + (f", probe {self.rows_probed} of {self.rows_in_batch} batch rows" if self.rows_in_batch else ""),
                  ""]
-        lines.append("r_proposed quantiles    " + "  ".join(f"{_q_label(q):>7}" for q in QUANTILES))
+        labels = ("max" if q == 1.0 else f"p{q * 100:g}" for q in QUANTILES)
+        lines.append("r_proposed quantiles    " + "  ".join(f"{label:>7}" for label in labels))
         rows = [("default probe", False)] + ([("whole batch", True)] if self.r_batch else [])
         for label, batch in rows:
             values = "  ".join(f"{v:7.3g}" for v in self.quantiles(batch).values())
@@ -502,16 +505,3 @@ def _quantile(ordered: Sequence[float], q: float) -> float:
     high = min(low + 1, len(ordered) - 1)
     return ordered[low] + (ordered[high] - ordered[low]) * (position - low)
 
-
-def _q_label(q: float) -> str:
-    return "max" if q == 1.0 else f"p{q * 100:g}"
-
-
-def _ratio(numerator: float | None, denominator: float | None) -> float:
-    if numerator is None or denominator is None or not denominator > 0:
-        return math.inf
-    return numerator / denominator
-
-
-def _listed(values: Sequence[float]) -> str:
-    return "{" + ", ".join(f"{v:g}" for v in values) + "}"

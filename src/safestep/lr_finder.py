@@ -7,6 +7,7 @@ on every step (docs/lr_finder.md).
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -294,15 +295,12 @@ class _Snapshot:
 def _cycle(loader: Iterable[Any], count: int) -> Iterator[Any]:
     """The first ``count`` batches of ``loader``, re-iterating it as often as needed."""
     produced = 0
-    while True:
-        empty = True
-        for batch in loader:
-            empty = False
+    while produced < count:
+        before = produced
+        for batch in itertools.islice(loader, count - produced):
             yield batch
             produced += 1
-            if produced == count:
-                return
-        if empty:
+        if produced == before:
             raise ValueError("the loader yielded no batches; find_lr needs at least one (inputs, labels) batch")
 
 
