@@ -2,8 +2,7 @@
 
 Logits and slopes are (..., K), every leading dimension a row; a bound's ``row_radii`` gives one float64 radius per
 row and ``bound_radius`` aggregates them ("max": the worst row; a quantile q: looser, not a certificate for every
-row). Ignored rows, masked classes, non-finite rows and the protocol: docs/step.md, "Bounds".
-"""
+row). Ignored rows, masked classes, non-finite rows and the protocol: docs/step.md, "Bounds"."""
 from __future__ import annotations
 
 import math
@@ -121,7 +120,7 @@ class _RowBound:
 
 @dataclass(frozen=True)
 class Ghost(_RowBound):
-    """ρ_n = π/Δ_a(n), Δ_a the spread of the live slopes: the lower bound on the nearest complex zero; cheapest bound."""
+    """ρ_n = π/Δ_a(n), Δ_a the spread of the live slopes: a lower bound on the nearest complex zero; the cheapest."""
 
     aggregate: Aggregate = "max"
     name: str = "ghost"
@@ -136,7 +135,7 @@ class Ghost(_RowBound):
 
     def row_radii(self, logits: Tensor, slopes: Tensor, labels: Tensor | None = None, *,
                   masked: bool | None = None) -> Tensor:
-        """π/Δ_a per row (inf where Δ_a = 0, NaN where it is not finite), from max/min reductions in the slopes' dtype."""
+        """π/Δ_a per row (inf where Δ_a = 0, NaN where it is not finite), by max/min reductions in the slopes' dtype."""
         z, a, y = _flat_rows(logits, slopes, labels)
         spread = row_spread(live_slopes(z, a, masked))
         radii = torch.where(spread > 0, math.pi / spread, math.inf)
@@ -169,7 +168,7 @@ class Exact(_RowBound):
 
 @dataclass(frozen=True)
 class Weighted(_RowBound):
-    """ρ_n = R_w(n), the certified lower bound on ρ*_n that weighs classes by probability (``geometry.weighted_radius``):
+    """ρ_n = R_w(n), the certified lower bound on ρ*_n weighing classes by probability (``geometry.weighted_radius``):
     π/Δ_a <= R_w <= ρ*, exact for two live classes; a class of tiny probability counts only once e^{|a_k − d|R} makes
     it matter. "max" takes the whole-batch minimum by bracketing every row and refining only those that can bind."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 __all__ = ["Reducer", "make_reducer"]
@@ -15,15 +16,9 @@ class Reducer:
 
     def __init__(self, group: Any = None) -> None:
         self.group = group
-        self.device = torch.device("cpu")
-        if group is None:
-            self.world_size, self.rank = 1, 0
-        else:
-            import torch.distributed as dist
-
-            self.world_size, self.rank = dist.get_world_size(group), dist.get_rank(group)
-            if dist.get_backend(group) == "nccl":
-                self.device = torch.device("cuda", torch.cuda.current_device())
+        self.world_size = 1 if group is None else dist.get_world_size(group)
+        nccl = group is not None and dist.get_backend(group) == "nccl"
+        self.device = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
 
     @property
     def active(self) -> bool:
@@ -33,8 +28,6 @@ class Reducer:
     def _all_reduce(self, values: Tensor, op_name: str) -> Tensor:
         if not self.active:
             return values
-        import torch.distributed as dist
-
         reduced = values.to(self.device, copy=True)
         dist.all_reduce(reduced, op=getattr(dist.ReduceOp, op_name), group=self.group)
         return reduced.to(values.device)
@@ -55,8 +48,6 @@ class Reducer:
         """cat_r rows_r along dim 0 in rank order; ranks may hold different row counts (sizes gathered first)."""
         if not self.active:
             return rows
-        import torch.distributed as dist
-
         size = torch.tensor([rows.shape[0]], dtype=torch.int64, device=self.device)
         sizes = [torch.zeros_like(size) for _ in range(self.world_size)]
         dist.all_gather(sizes, size, group=self.group)
@@ -70,8 +61,6 @@ class Reducer:
 
 def make_reducer(process_group: Any = None) -> Reducer:
     """The Reducer of ``process_group``, or of the default group when torch.distributed is initialized, else a no-op."""
-    import torch.distributed as dist
-
     if process_group is None:
         if dist.is_available() and dist.is_initialized():
             return Reducer(dist.group.WORLD)
@@ -80,8 +69,6 @@ def make_reducer(process_group: Any = None) -> Reducer:
         raise ValueError("this rank is not a member of process_group (dist.new_group(ranks) excludes it); "
                          "create the SafeStep only on member ranks or pass a group that contains this rank")
     if not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
-        raise ValueError(
-            f"process_group must be a torch.distributed.ProcessGroup (e.g. dist.new_group(...)) or None for the "
-            f"default group, got {type(process_group).__name__}"
-        )
+        raise ValueError("process_group must be a torch.distributed.ProcessGroup (e.g. dist.new_group(...)) or None "
+                         f"for the default group, got {type(process_group).__name__}")
     return Reducer(process_group)

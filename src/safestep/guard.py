@@ -1,6 +1,5 @@
 """SafeStep: the torch.optim adapter (param_groups, state, hooks, state_dict, the captured training call, history)
-over the one functional step: ``step()`` gathers parameters, batch and labels for ``prepare_batch``, ``safe_step``.
-"""
+over the one functional step: ``step()`` gathers parameters, batch and labels for ``prepare_batch``, ``safe_step``."""
 from __future__ import annotations
 
 import contextlib
@@ -109,8 +108,7 @@ class SafeStep(torch.optim.Optimizer):
         self.optimizer = optimizer
         self.model = model
         self.labels_fn = labels_fn
-        scorer = self._row_scores if capture else None
-        self.capture = InputCapture(capture_module(model), scorer) if capture else None
+        self.capture = InputCapture(capture_module(model), self._row_scores) if capture else None
         self.target = StepTarget(make_probe(model, logits_fn), make_reducer(process_group), sharded, self._quiet)
         self.run = RunState()
         self.history = History(history, sinks)
@@ -151,10 +149,9 @@ class SafeStep(torch.optim.Optimizer):
         foreign = [p for p in params if id(p) not in known]
         if foreign:
             shapes = ", ".join(str(tuple(p.shape)) for p in foreign[:3])
-            raise ValueError(
-                f"{len(foreign)} optimizer parameter(s) (shapes {shapes}) are not parameters of the model; "
-                "SafeStep probes the model, so the wrapped optimizer must optimize model.parameters()"
-            )
+            raise ValueError(f"{len(foreign)} optimizer parameter(s) (shapes {shapes}) are not parameters of the "
+                             "model; SafeStep probes the model, so the wrapped optimizer must optimize "
+                             "model.parameters()")
 
     @staticmethod
     def _add_group_keys(group: dict[str, Any]) -> None:
@@ -250,7 +247,7 @@ class SafeStep(torch.optim.Optimizer):
 
     def _commit(self, report: StepReport) -> None:
         """Count the step, keep its report, then hand it to the history and sinks (a failing sink loses only its
-        copy of the report: the step stays applied and counted, and the sink's error is raised afterwards)."""
+        copy: the step stays applied and counted, and the sink's error is raised afterwards)."""
         for group in self.param_groups:
             group["safestep_steps"] = group.get("safestep_steps", 0) + 1
             group["safestep_skipped"] = group.get("safestep_skipped", 0) + int(report.skipped)

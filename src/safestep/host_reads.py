@@ -1,6 +1,5 @@
 """Count host reads (``.item()``, ``bool(t)``, ``float(t)``, ``int(t)``, ``.tolist()`` on a tensor: each waits for
-the device on a GPU) by the module that asked for them, on any device (docs/step.md, "Costs").
-"""
+the device on a GPU) by the module that asked for them, on any device (docs/step.md, "Costs")."""
 from __future__ import annotations
 
 import sys

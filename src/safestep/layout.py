@@ -38,10 +38,9 @@ def is_sharded(model: nn.Module) -> bool:
     """True when the parameters are DTensors (FSDP2 ``fully_shard``); FSDP1 modules raise ValueError."""
     fsdp1 = _types("torch.distributed.fsdp", "FullyShardedDataParallel")
     if fsdp1 and any(isinstance(m, fsdp1) for m in model.modules()):
-        raise ValueError(
-            "SafeStep does not support FSDP1 (FullyShardedDataParallel): its probe cannot perturb flattened "
-            "shards reliably; shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) instead"
-        )
+        raise ValueError("SafeStep does not support FSDP1 (FullyShardedDataParallel): its probe cannot perturb "
+                         "flattened shards reliably; shard the model with FSDP2 (torch.distributed.fsdp.fully_shard) "
+                         "instead")
     dtensor = _types("torch.distributed.tensor", "DTensor")
     return bool(dtensor) and any(isinstance(p, dtensor) for p in model.parameters())
 

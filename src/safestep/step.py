@@ -1,8 +1,7 @@
 """One guarded step as one function: ``prepare_batch`` validates with nothing changed, ``safe_step`` steps.
 
 snapshot θ0 → inner step → Δθ, τ → slopes on the probed rows → ρ → one host read (the decision) → scale → write
-| restore θ0 → StepReport; the pipeline, its host reads and its rollback are docs/step.md.
-"""
+| restore θ0 → StepReport; the pipeline, its host reads and its rollback are docs/step.md."""
 from __future__ import annotations
 
 import contextlib
@@ -92,9 +91,8 @@ class RunState:
 
 @dataclass(frozen=True)
 class Batch:
-    """A validated step: the probed rows of the batch, their labels (IGNORE_INDEX outside the loss), the number of
-    batch rows probed and in the batch, why the rows or method differ from what the options asked for (or ""),
-    the slope estimator for this batch and, for "reuse", the training forward's logits z(θ0) of the probed rows."""
+    """A validated step: the probed rows and their labels (IGNORE_INDEX outside the loss), rows probed and in the
+    batch, why rows or method differ from the options (or ""), the estimator and, for "reuse", z(θ0) of the rows."""
 
     inputs: Inputs | None
     labels: Tensor | None
@@ -109,11 +107,8 @@ class Batch:
 def prepare_batch(config: StepConfig, target: StepTarget, state: RunState, params: Sequence[Tensor],
                   inputs: Inputs | None, labels: Any = None, scores: Tensor | None = None,
                   reference: Tensor | None = None) -> Batch:
-    """Check the batch and labels and choose the probe rows, with nothing changed yet (ValueError on bad input).
-
-    ``scores`` (``probe.row_scores``) and ``reference`` (method "reuse"; else the JVP runs) come from the training
-    forward and are used when they fit the batch; on the first step a preflight learns K and checks the logits.
-    """
+    """Check the batch and labels and choose the probe rows, with nothing changed yet (ValueError on bad input);
+    ``scores`` and ``reference`` ("reuse") are the training forward's, used when they fit the batch."""
     if not params:
         return Batch(None, None, 0, 0, method=config.method)
     if inputs is None:
@@ -158,7 +153,8 @@ def _estimator(config: StepConfig, state: RunState, reference: Tensor | None,
 def _checked_labels(labels: Any, rows_in_batch: int, ignore_index: int, schema: Schema | None) -> Tensor:
     """Integer labels, one per batch row, with ``ignore_index`` mapped to IGNORE_INDEX; on the host (CPU labels)
     every label is range-checked here, device labels are checked by the step's decision flags."""
-    if not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+    if (not isinstance(labels, Tensor) or labels.is_floating_point() or labels.is_complex()
+            or labels.dtype == torch.bool):
         kind = labels.dtype if isinstance(labels, Tensor) else type(labels).__name__
         raise ValueError(f"labels must be an integer tensor of class indices, got {kind}")
     if labels.ndim == 0 or labels.shape[0] != rows_in_batch:
@@ -259,11 +255,8 @@ def _once(state: RunState, key: str, text: str) -> str:
 # -- the transaction -------------------------------------------------------------------------------------------
 def safe_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], batch: Batch, config: StepConfig,
               target: StepTarget, state: RunState, start: float | None = None) -> StepReport:
-    """One guarded step of ``optimizer`` over ``params`` (the trainable parameters), probed on ``batch``.
-
-    Returns the step's report; on any exception after the snapshot, θ0 is restored bit for bit and the exception
-    carries a note saying so. ``state.steps`` is left to the caller (it counts committed steps).
-    """
+    """One guarded step of ``optimizer`` over ``params`` (the trainable parameters), probed on ``batch``; any exception
+    after the snapshot restores θ0 bit for bit and carries a note saying so. ``state.steps`` is the caller's."""
     start = time.perf_counter() if start is None else start
     report = _Reporter(config, state, batch, start)
     if not params:
@@ -282,8 +275,7 @@ def safe_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], batch:
         _inner_step(optimizer, finite if on_device else None)
         if finite is None:
             return report(math.nan, math.nan, 1.0, reason="non-finite gradient: applied unmeasured (monitor)")
-        return _measured(params, live, theta0, batch, config, target, state, report,
-                         finite if on_device else None)
+        return _measured(params, live, theta0, batch, config, target, state, report, finite if on_device else None)
     except BaseException as error:
         restore(live, theta0)
         if hasattr(error, "add_note"):
@@ -371,7 +363,8 @@ class _Reporter:
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
     """True for optimizers (fused Adam, AdamW, SGD, Adagrad) that skip their whole update, state included, when
     their ``found_inf`` tensor is non-zero: the non-finite-gradient check then needs no host read."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and getattr(optimizer, "found_inf", None) is None
+    amp_aware = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
+    return amp_aware and getattr(optimizer, "found_inf", None) is None
 
 
 def _inner_step(optimizer: torch.optim.Optimizer, finite: Tensor | None) -> None:
@@ -421,8 +414,7 @@ def radius(bound: Bound | Min, slopes: Slopes, labels: Tensor | None, tau: Tenso
     members = list(leaves(bound))
     usable = all(m.accepts_nonfinite for m in members) or not bool(flags[:2].any())
     quantile = [m.aggregate != "max" for m in members]
-    device = tau.device
-    local = [_local_radius(m, slopes, labels, masked, usable, device) for m, q in zip(members, quantile) if not q]
+    local = [_local_radius(m, slopes, labels, masked, usable, tau.device) for m, q in zip(members, quantile) if not q]
     tau_range = None
     maxed = iter(local)
     if reducer.active:
@@ -441,8 +433,7 @@ def _local_radius(member: Bound, slopes: Slopes, labels: Tensor | None, masked: 
                   device: torch.device) -> Tensor:
     if not usable:
         return torch.tensor(math.nan, dtype=torch.float64, device=device)
-    rho = bound_radius(member, slopes.logits, slopes.slopes, labels, masked=masked)
-    return rho if rho.dtype == torch.float64 and rho.device == device else rho.to(device=device, dtype=torch.float64)
+    return bound_radius(member, slopes.logits, slopes.slopes, labels, masked=masked).to(device, torch.float64)
 
 
 def _global_quantile(member: Bound, slopes: Slopes, labels: Tensor | None, masked: bool, reducer: Reducer,
@@ -450,7 +441,8 @@ def _global_quantile(member: Bound, slopes: Slopes, labels: Tensor | None, maske
     """The member's quantile over the rows of every rank (a rank whose rows are unusable contributes none)."""
     if usable:
         rows = member.row_radii(slopes.logits, slopes.slopes, labels, masked=masked).reshape(-1).to(torch.float64)
-        active = torch.ones_like(rows) if labels is None else (labels.reshape(-1) != IGNORE_INDEX).to(rows.device, torch.float64)
+        active = (torch.ones_like(rows) if labels is None
+                  else (labels.reshape(-1) != IGNORE_INDEX).to(rows.device, torch.float64))
         table = torch.stack([rows, active], dim=1)
     else:
         table = torch.zeros((0, 2), dtype=torch.float64, device=slopes.logits.device)

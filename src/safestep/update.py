@@ -1,6 +1,5 @@
-"""The arithmetic of a step on the trainable parameters' local tensors: θ0 snapshots, Δθ and τ, the guarded write
-θ0 + s·Δθ, restore; results stay on the device, only ``apply`` may read on the host (docs/step.md, "The cap is exact").
-"""
+"""A step's arithmetic on the trainable parameters' local tensors: θ0 snapshots, Δθ and τ, the guarded write θ0 + s·Δθ,
+restore; results stay on the device, only ``apply`` may read on the host (docs/step.md, "The cap is exact")."""
 from __future__ import annotations
 
 import math
@@ -83,17 +82,13 @@ def rescale(live: Sequence[Tensor], step: Displacement, scale: float) -> None:
     torch._foreach_add_(live, step.delta, alpha=scale)
 
 
-def _realized(live: list[Tensor], theta0: list[Tensor], reducer: Reducer | None, sharded: bool) -> float:
-    """‖θ − θ0‖ computed exactly enough (differences in float64, one tensor at a time)."""
-    norms = [global_norm([t.double() - t0.double()]) for t, t0 in zip(live, theta0)]  # one float64 copy at a time
-    return float(sharded_norm(norms, reducer, sharded))
-
-
 def _measured_write(live: list[Tensor], step: Displacement, scale: float, limit: float, reducer: Reducer | None,
                     sharded: bool) -> float:
+    """The write measured: ‖θ − θ0‖ from float64 differences, one tensor at a time, and s shrunk until it fits."""
     for _ in range(_APPLY_ATTEMPTS):
         rescale(live, step, scale)
-        realized = _realized(live, step.theta0, reducer, sharded)
+        norms = [global_norm([t.double() - t0.double()]) for t, t0 in zip(live, step.theta0)]
+        realized = float(sharded_norm(norms, reducer, sharded))
         if realized <= limit:
             return scale
         scale *= limit / realized * _SHRINK

@@ -1,6 +1,5 @@
 """Is a run frozen? ``FREEZE_STEPS`` steps in a row applied at scale s < ``FREEZE_SCALE``, compared with the steps
-before them: a collapsed radius is warned once, long proposals being capped are only reported (docs/step.md).
-"""
+before them: a collapsed radius is warned once, long proposals being capped are only reported (docs/step.md)."""
 from __future__ import annotations
 
 import math
@@ -66,7 +65,8 @@ class FreezeWatch:
         rho_now, tau_now = statistics.median(r for r, _ in rows), statistics.median(t for _, t in rows)
         summary = f"scale < {FREEZE_SCALE} for {streak} steps, set by the {report.bound} bound"
         if not self.before:
-            text = f"frozen: {summary} (median rho {rho_now:.3g}, median tau {tau_now:.3g}, no earlier steps to compare)"
+            text = (f"frozen: {summary} (median rho {rho_now:.3g}, median tau {tau_now:.3g}, no earlier steps to "
+                    "compare)")
             return Verdict(text, text)
         rho_then, tau_then = statistics.median(r for r, _ in self.before), statistics.median(t for _, t in self.before)
         if rho_now < FREEZE_SCALE * rho_then:
