@@ -262,10 +262,8 @@ class CallbackSink:
             metrics[self.step_key] = report.step
         if self.step is None:
             self.fn(metrics)
-        elif self.step == "report":
-            self.fn(metrics, step=report.step)
         else:
-            self.fn(metrics, step=self.step(report))
+            self.fn(metrics, step=report.step if self.step == "report" else self.step(report))
 
     def close(self) -> None:
         """Nothing to flush: ``fn`` owns its destination."""

@@ -100,10 +100,8 @@ _FORWARD_AD_PHRASES = ("forward ad", "forward-mode", "forward mode", "jvp")
 
 def is_missing_forward_ad(error: BaseException) -> bool:
     """True for torch's "this operation has no forward-mode AD rule" errors (and nothing else, e.g. not OOM)."""
-    if not isinstance(error, (NotImplementedError, RuntimeError)):
-        return False
     text = str(error).lower()
-    if "out of memory" in text:
+    if not isinstance(error, (NotImplementedError, RuntimeError)) or "out of memory" in text:
         return False
     return any(phrase in text for phrase in _FORWARD_AD_PHRASES) and (
         isinstance(error, NotImplementedError) or "not implemented" in text or "not supported" in text

@@ -27,7 +27,6 @@ class ShardedProbe:
         self.logits_fn = logits_fn
         self._modes = LogitProbe(model, logits_fn)  # its mode switching and RNG fork are reused
         self._fsdp2 = fsdp2_modules(model)
-        self.fallback = "sharded parameters: finite differences"
 
     def uses_batch_statistics(self) -> bool:
         """True when a batch norm normalizes with batch statistics (the batch rows are then coupled)."""
