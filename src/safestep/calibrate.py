@@ -1,8 +1,7 @@
 """calibrate: which ``r`` and which probe budget, read from a short monitor-mode run of your own training
 (``calibrate``) or from a history any integration wrote (``calibrate_history``): quantiles of r_proposed = τ/ρ, cap
 shares, the default probe against the whole batch, seconds per step, and a ``Recommendation`` read by an explicit
-``Rule`` (docs/calibrate.md). The library never imports a training script: ``load_target`` does, for the CLI.
-"""
+``Rule`` (docs/calibrate.md). The library never imports a training script: ``load_target`` does, for the CLI."""
 from __future__ import annotations
 
 import importlib
@@ -68,8 +67,7 @@ class Rule:
     """How the recommendation is read (docs/calibrate.md, "The rule"): **r** is the smallest candidate that would cap
     at most ``max_cap_share`` of the steps (else the largest, with the advice to lower the LR); **probe** is the whole
     batch when on a compared step the default probe's ρ exceeds the whole batch's by more than ``max_overstatement``×
-    or when the whole batch costs at most ``cheap_ratio``× the default probe's seconds per step, else the default.
-    """
+    or when the whole batch costs at most ``cheap_ratio``× the default probe's seconds per step, else the default."""
 
     max_cap_share: float = 0.05
     max_overstatement: float = 1.5
@@ -113,21 +111,17 @@ class Recommendation:
 
     def code(self) -> str:
         """The SafeStep call, e.g. ``SafeStep(optimizer, model, r=1.0)``."""
-        probe = ""
-        if self.probe_measured and self.probe_size != DEFAULT_PROBE:
-            probe = f", probe_size={self.probe_size!r}"
+        probe = f", probe_size={self.probe_size!r}" if self.probe_measured and self.probe_size != DEFAULT_PROBE else ""
         return f"SafeStep(optimizer, model, r={self.r:g}{probe})"
 
 
 @dataclass(frozen=True)
 class Calibration:
-    """What a calibration run (or a history) measured, and the recommendation read from it by ``rule``.
-
-    ``r_probe``: r_proposed of every measured step with the default probe (or the history's probe);
-    ``r_batch``: r_proposed of the steps measured with the whole batch; ``comparisons``: the steps measured both
-    ways; ``seconds``: median seconds per step by configuration (a run: the whole training step; a history: the
-    guarded ``step()`` only); ``unmeasured``: steps without a finite r (skipped, or applied unmeasured).
-    """
+    """What a calibration run (or a history) measured, and the recommendation read from it by ``rule``. ``r_probe``:
+    r_proposed of every measured step with the default probe (or the history's probe); ``r_batch``: r_proposed of the
+    steps measured with the whole batch; ``comparisons``: the steps measured both ways; ``seconds``: median seconds
+    per step by configuration (a run: the whole training step; a history: the guarded ``step()`` only);
+    ``unmeasured``: steps without a finite r (skipped, or applied unmeasured)."""
 
     source: str
     r_probe: tuple[float, ...]
@@ -307,8 +301,7 @@ def calibrate(target: CalibrationTarget | Callable[[], Any], *, steps: int = 100
     CalibrationTarget, or a function returning one): plain, monitored with the default probe (``compare`` of them also
     with the whole batch, along the same update) and with the whole-batch probe (docs/calibrate.md). Monitor mode
     never changes an update: the model and optimizer are left trained by those steps; the guards' forward hooks and
-    parameter-group keys are removed.
-    """
+    parameter-group keys are removed."""
     for name, value, low in (("steps", steps, 1), ("compare", compare, 0), ("timing_steps", timing_steps, 1)):
         _check_int(name, value, low)
     if compare >= steps:
@@ -330,20 +323,17 @@ def calibrate(target: CalibrationTarget | Callable[[], Any], *, steps: int = 100
     r_batch, _ = _finite_r(batch_reports + run.batch_reports)
     last = probe_reports[-1]
     source = f"{type(target.model).__name__} with {type(target.optimizer).__name__}"
-    return Calibration(
-        source=source, r_probe=r_probe, r_batch=r_batch, comparisons=tuple(comparisons),
-        seconds={"plain": plain, "default probe": default_seconds, "whole batch": batch_seconds},
-        rows_probed=last.rows_probed, rows_in_batch=last.rows_in_batch, unmeasured=unmeasured, radii=radii,
-        rule=rule or Rule())
+    seconds = {"plain": plain, "default probe": default_seconds, "whole batch": batch_seconds}
+    return Calibration(source=source, r_probe=r_probe, r_batch=r_batch, comparisons=tuple(comparisons), seconds=seconds,
+                       rows_probed=last.rows_probed, rows_in_batch=last.rows_in_batch, unmeasured=unmeasured,
+                       radii=radii, rule=rule or Rule())
 
 
 def calibrate_history(history: str | Path | Iterable[StepReport], *, radii: Sequence[float] = CANDIDATE_RADII,
                       rule: Rule | None = None) -> Calibration:
-    """Calibrate r from a history of step reports (a CSV or JSON-lines file, or the reports themselves).
-
-    A history holds one probe per step, so the probe is not compared; its seconds are the guarded ``step()``'s
-    (``StepReport.seconds``), without the forward and backward.
-    """
+    """Calibrate r from a history of step reports (a CSV or JSON-lines file, or the reports themselves): one probe
+    per step, so the probe is not compared; its seconds are the guarded ``step()``'s (``StepReport.seconds``), without
+    the forward and backward."""
     radii = _checked_radii(radii)
     if isinstance(history, (str, Path)):
         source, reports = Path(history).name, read_reports(history)
@@ -362,11 +352,9 @@ def calibrate_history(history: str | Path | Iterable[StepReport], *, radii: Sequ
 
 
 def load_target(spec: str) -> Callable[[], Any]:
-    """The entry point named by ``"path/to/script.py:function"`` or ``"package.module:function"``.
-
-    A script is run with ``__name__ == "__safestep_calibrate__"``, so its ``if __name__ == "__main__":`` block
-    (the training itself) does not run. Raises ValueError with what went wrong.
-    """
+    """The entry point named by ``"path/to/script.py:function"`` or ``"package.module:function"``; a script is run
+    with ``__name__ == "__safestep_calibrate__"``, so its ``if __name__ == "__main__":`` block (the training itself)
+    does not run. Raises ValueError with what went wrong."""
     where, sep, name = spec.rpartition(":")
     if not sep or not where or not name.isidentifier():
         raise ValueError(f"expected SCRIPT.py:FUNCTION or MODULE:FUNCTION, got {spec!r}")

@@ -5,8 +5,7 @@ distributions register through the ``safestep.cli`` entry point group: the repro
 Each subcommand is one ``_add_<name>(subparsers)`` that registers its parser and handler; an entry point names a
 ``register(subparsers)`` that does the same, with ``UsageError``, ``check_out_dir`` and the argument types
 ``positive_int``, ``seed`` and ``threads``. Argparse checks every number; a handler checks its optional dependencies
-and its output folder before any work. A failed check raises ``UsageError``: one line on stderr, exit code 2.
-"""
+and its output folder before any work. A failed check raises ``UsageError``: one line on stderr, exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -162,11 +161,9 @@ def _run_plot(args: argparse.Namespace) -> int:
 
 def _add_plot(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "plot",
-        help="draw τ, ρ, r and the scale per step from a SafeStep history (CSV or JSON lines) to a PNG",
+        "plot", help="draw τ, ρ, r and the scale per step from a SafeStep history (CSV or JSON lines) to a PNG",
         description="Read a history written by History.to_csv/to_jsonl or the CSV/JSON-lines sinks and draw, per "
-        "step, the proposed update length τ and the radius ρ, r = τ/ρ proposed and applied, and the scale s.",
-    )
+        "step, the proposed update length τ and the radius ρ, r = τ/ρ proposed and applied, and the scale s.")
     parser.add_argument("history", help="a .csv or .jsonl file of step reports")
     parser.add_argument("--out", default=None, help="the PNG to write (default: HISTORY with the suffix .png)")
     parser.set_defaults(handler=_run_plot)
@@ -233,14 +230,12 @@ def _run_calibrate(args: argparse.Namespace) -> int:
 
 def _add_calibrate(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "calibrate",
-        help="recommend r and the probe from a short monitor-mode run of your training (or a history): "
+        "calibrate", help="recommend r and the probe from a short monitor-mode run of your training (or a history): "
         "quantiles of r, cap shares, probe vs whole batch, seconds per step, one figure",
         description="SOURCE is SCRIPT.py:FUNCTION or MODULE:FUNCTION, a function returning "
         "safestep.calibrate.CalibrationTarget(model, optimizer, train_step[, options]) (docs/calibrate.md), or a "
         "CSV/JSON-lines history of step reports from any integration. A run trains the target for "
-        "2*TIMING_STEPS + 2 + STEPS ordinary steps of its optimizer (monitor mode never changes an update).",
-    )
+        "2*TIMING_STEPS + 2 + STEPS ordinary steps of its optimizer (monitor mode never changes an update).")
     parser.add_argument("source", help="SCRIPT.py:FUNCTION, MODULE:FUNCTION, or a .jsonl/.csv history")
     parser.add_argument("--steps", type=positive_int, default=100,
                         help="monitored steps with the default probe (default 100)")

@@ -2,8 +2,7 @@
 
 For an update linear in the LR (Δθ = λ·u: SGD, Adam/AdamW, ...) one measured step gives lr_safe = λ·ρ/τ = λ/r;
 each round trains at one λ from the initial state, and the suggestion is the largest λ whose round measured r ≤ 1
-on every step (docs/lr_finder.md).
-"""
+on every step (docs/lr_finder.md)."""
 from __future__ import annotations
 
 import copy
@@ -33,11 +32,9 @@ Progress = Callable[["LRStep"], None]
 
 @dataclass(frozen=True)
 class LRStep:
-    """One measured warm-up step: τ = ‖Δθ‖ at LR ``lr``, radius ρ along Δθ/τ, r = τ/ρ, lr_safe = lr·ρ/τ.
-
-    ``loss`` is the training loss of the batch before the step; ``skipped`` marks a step that could not be
-    measured (a non-finite gradient, update or probe: r and lr_safe are nan, and the round counts as unsafe).
-    """
+    """One measured warm-up step: τ = ‖Δθ‖ at LR ``lr``, radius ρ along Δθ/τ, r = τ/ρ, lr_safe = lr·ρ/τ; ``loss``
+    is the batch's training loss before the step; ``skipped`` marks a step that could not be measured (a non-finite
+    gradient, update or probe: r and lr_safe are nan, and the round counts as unsafe)."""
 
     round: int
     step: int
@@ -60,9 +57,7 @@ class LRRound:
     @property
     def max_r(self) -> float:
         """max_t r_t over the round (inf when a step was skipped: a non-finite step is never safe)."""
-        if any(s.skipped for s in self.steps):
-            return math.inf
-        return max(s.r for s in self.steps)
+        return math.inf if any(s.skipped for s in self.steps) else max(s.r for s in self.steps)
 
     @property
     def verified(self) -> bool:
@@ -78,12 +73,9 @@ class LRRound:
 
 @dataclass(frozen=True)
 class LRFinderResult:
-    """The rounds of a safe-LR search and the suggestion read from them.
-
-    ``suggestion`` is the largest base LR of a verified round (every warm-up step at r ≤ 1), or — when no round
-    was verified (``verified`` False) — the LR the search would have tried next, which is untested. It is
-    ``inf`` when no step limited the LR (zero updates or zero slope spread throughout).
-    """
+    """The rounds of a safe-LR search; ``suggestion`` is the largest base LR of a verified round (every warm-up step
+    at r ≤ 1), or — when no round was verified (``verified`` False) — the LR the search would have tried next, which
+    is untested; ``inf`` when no step limited the LR (zero updates or zero slope spread throughout)."""
 
     suggestion: float
     verified: bool
@@ -168,8 +160,7 @@ def find_lr(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable
     ``probe_size`` (default: every row, not SafeStep's 1/8) and ``aggregate`` are SafeStep's; ``progress(step)`` sees
     every LRStep. The model, its gradients, the optimizer and torch's global RNG are restored afterwards, also on
     error. Raises ValueError for an empty loader, a batch that is not a pair without ``inputs_fn``, an output that
-    is not classification logits, a non-positive LR, or a count or tolerance out of range.
-    """
+    is not classification logits, a non-positive LR, or a count or tolerance out of range."""
     _check_int("num_steps", num_steps)
     _check_int("rounds", rounds)
     if not (isinstance(rtol, (int, float)) and math.isfinite(rtol) and rtol > 0):
