@@ -1,18 +1,9 @@
 """A certified lower bound on ρ* that weighs classes by probability (docs/certified_radius.md, MATH_RADIUS §A8).
 
-F(t) e^{−dt} = Σ_k w_k e^{(a_k − d) t} for any centre d, with w_k = e^{z_k − max z} ∝ softmax(z)_k. On the closed
-disk |t| ≤ R the term of class k has real part at least w_k·m(|a_k − d|·R), where
-
-    m(s) = min_{|ζ| ≤ s} Re e^ζ  (= 1 at 0, > 0 below π/2, = 0 at π/2, ≈ −e^{√(s² − π²)} for large s)
-
-is non-increasing. So G_d(R) = Σ_k w_k m(|a_k − d| R) > 0 proves Re F > 0, hence no zero of F, on |t| ≤ R, and
-ρ* > R. Replacing |a_k − d| by an upper bound keeps the proof (m is non-increasing), so one pass over K puts the
-weights into ``buckets`` equal slope intervals and every later evaluation costs O(buckets). The returned radius is
-the largest R on a grid of relative spacing ``rtol`` that some centre certifies — the heaviest bucket, the
-weighted mean of the slopes or two points between it and the midpoint — and never less than π/Δ_a (the strip
-theorem; the midpoint centre would give it without bucketing); rows with exactly two live classes get the exact
-√(δ² + π²)/Δ_a. m is tabulated once (certified lower bounds on a grid, see ``_kernel_table``). See
-``weighted_radius`` for the rounding analysis.
+With w_k ∝ softmax(z)_k, any centre d and m(s) = min_{|ζ| ≤ s} Re e^ζ (non-increasing), G_d(R) = Σ_k w_k m(|a_k − d|R)
+> 0 proves Re(F(t)e^{−dt}) > 0, hence no zero of F, on |t| ≤ R: ρ* > R. One pass over K puts the weights into slope
+buckets (|a_k − d| replaced by an upper bound), so every later test costs O(buckets); m is tabulated once as
+certified lower bounds. Rounding is bounded and charged against the certificate (``weighted_radius``).
 """
 from __future__ import annotations
 
@@ -46,9 +37,8 @@ def _kernel_table(device: torch.device) -> Tensor:
     """Certified lower bounds of m(s) = min_θ e^{s cos θ} cos(s sin θ) at s = i·_TABLE_STEP, non-increasing in i.
 
     Each angular cell [θ_i, θ_{i+1}] contributes min(f(θ_i), f(θ_{i+1})) − L_i·h/2 with L_i = s·e^{s cos θ_i} ≥
-    max |f'| on the cell (cos θ is decreasing on [0, π]); the minimum over cells is ≤ m(s). A cumulative minimum
-    over s then makes the table non-increasing (m itself is, so this only lowers entries).
-    """
+    max |f'| on the cell (cos θ decreases on [0, π]), so the minimum over cells is ≤ m(s); a cumulative minimum
+    over s only lowers entries (m is non-increasing)."""
     s = torch.arange(0, int(_TABLE_END / _TABLE_STEP) + 1, dtype=torch.float64) * _TABLE_STEP
     theta = torch.linspace(0.0, math.pi, _THETA_CELLS + 1, dtype=torch.float64)
     h = math.pi / _THETA_CELLS
@@ -121,8 +111,7 @@ def _histogram(z: Tensor, a: Tensor, buckets: int, masked: bool | None) -> tuple
 
 
 def _block(z: Tensor, a: Tensor, index: Tensor, buckets: int | None, masked: bool | None, chunk: int) -> _Rows:
-    """Rows ``index`` of z, a (n, K), reduced chunk by chunk (≤ ``chunk`` elements gathered at a time), prepared
-    together."""
+    """Rows ``index`` of z, a (n, K) reduced to buckets, chunk by chunk (≤ ``chunk`` elements gathered at a time)."""
     k = z.shape[1]
     buckets = min(_MAX_BUCKETS, max(16, k // 4)) if buckets is None else int(buckets)
     if buckets < 1:
@@ -247,10 +236,6 @@ def _flat(logits: Tensor, slopes: Tensor) -> tuple[Tensor, Tensor]:
     return logits.reshape(-1, k), slopes.reshape(-1, k)
 
 
-def _blocks(n: int) -> range:
-    return range(0, n, _ROW_BLOCK)
-
-
 def _span(start: int, n: int, device: torch.device) -> Tensor:
     return torch.arange(start, min(n, start + _ROW_BLOCK), device=device)
 
@@ -265,27 +250,18 @@ def weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None = Non
                     rtol: float = _DEFAULT_RTOL, chunk: int = _DEFAULT_CHUNK) -> Tensor:
     """R_w ≤ ρ*: the largest R with Σ_k softmax(z)_k·m(|a_k − d|R) > 0 for some centre d, m(s) = min_{|ζ|≤s} Re e^ζ.
 
-    Inputs (..., K) logits and slopes of any real dtype and device; returns float64 of shape (...) on that device.
-    Per row: π/Δ_a ≤ R_w ≤ ρ* (R_w = ρ* exactly for rows with two live classes), inf where Δ_a = 0 over the live
-    classes, NaN where a logit is NaN or +inf, a live slope is not finite, or no class is live. A logit of −inf
-    masks its class; ``masked`` as in ``safestep.bounds.live_slopes`` (False promises there is none: no search).
-
-    Certified for the inputs as given (their float values taken exactly): the pass over K runs in float32 (float64
-    when either input is float64) and its rounding is bounded — relative (K + 8 + |log tiny| + 1)·u on each bucket
-    sum (summation, exp, the logit subtraction) and K·tiny absolute for exp underflow — and charged against the
-    certificate; bucket intervals are widened by 1e-3 of a bucket to cover the rounding of the bucket index; the
-    certificate is evaluated in float64 against certified lower bounds of m on a grid (looked up at the grid point
-    above s) with a relative 1e-12 allowance for the rounding of R·Δ_a. R_w = max(π/Δ_a or the binary radius,
-    the last point of the grid 2^{j/N}, N = ⌈ln 2/ln(1 + rtol)⌉, that the certificate proves), found by integer
-    bisection; every value above the theorem radius passed the certificate there (float32 input
-    with R·Δ_a beyond about 87 − log K is capped there by the underflow term).
-    ``buckets`` defaults to min(128, max(16, K // 4)). Cost: about ten passes over the logits in chunks of ``chunk``
-    elements (peak extra memory ≈ 24·chunk bytes plus O(rows × buckets) float64 for blocks of 4096 rows) and
-    O(buckets) per row per search step (about 13 steps); no per-row Python.
+    Inputs (..., K) of any real dtype and device; float64 (...) on that device. Per row π/Δ_a ≤ R_w ≤ ρ* (= ρ* for two
+    live classes), inf where Δ_a = 0 over the live classes, NaN where a logit is NaN or +inf, a live slope is not
+    finite, or no class is live. −inf logits mask their class; ``masked`` as in ``safestep.bounds.live_slopes``
+    (False promises there is none). Certified for the inputs as given: the rounding of the float32 (float64 if an
+    input is) pass over K, of the bucket index and of R·Δ_a is bounded and charged against the certificate, which
+    is evaluated in float64 against certified lower bounds of m (docs/certified_radius.md, "What is certified").
+    R_w = max(theorem radius, last point of the grid 2^{j/N}, N = ⌈ln 2/ln(1 + rtol)⌉, that the certificate proves);
+    ``buckets`` defaults to min(128, max(16, K // 4)).
     """
     z_all, a_all = _flat(logits, slopes)
     result = torch.empty(len(z_all), dtype=torch.float64, device=logits.device)
-    for start in _blocks(len(z_all)):
+    for start in range(0, len(z_all), _ROW_BLOCK):
         rows = _block(z_all, a_all, _span(start, len(z_all), z_all.device), buckets, masked, chunk)
         result[start:start + _ROW_BLOCK] = _search(rows, rtol)
     return result.reshape(logits.shape[:-1])
@@ -296,13 +272,9 @@ def min_weighted_radius(logits: Tensor, slopes: Tensor, *, masked: bool | None =
                         chunk: int = _DEFAULT_CHUNK) -> tuple[Tensor, int]:
     """(R, n): R = min_n ``weighted_radius`` (same buckets and rtol, exactly), so R ≤ min_n ρ*_n; n a row attaining it.
 
-    Branch and bound without per-row searches: (1) π/Δ_a of every row from two reductions over its slopes (0 for
-    rows with masked classes or non-finite values, which go on to (3)); (2) the _HEAD rows of smallest π/Δ_a are
-    reduced to buckets and bracketed, the smallest upper end U bounds the minimum; (3) only rows with π/Δ_a < U are
-    reduced to buckets; (4) one integer bisection over the absolute radius grid g_j = 2^{j/N} that the per-row
-    search uses: a step where every row accepts g_j raises the lower end, otherwise the upper end drops to j and the
-    rows that accepted it leave (they accept every smaller point); coarse buckets are tried before the fine ones.
-    NaN (and that row) if some row is invalid; (inf, 0) when every Δ_a = 0.
+    Branch and bound: rows are pruned by π/Δ_a against an upper bound from the _HEAD rows of smallest π/Δ_a, then
+    one integer bisection over the shared grid runs for all rows left, coarse buckets first (docs/certified_radius.md,
+    "Batch minimum"). NaN (and that row) if some row is invalid; (inf, 0) when every Δ_a = 0.
     """
     z_all, a_all = _flat(logits, slopes)
     n, k = z_all.shape
@@ -365,8 +337,8 @@ def _accepts_fast(rows: _Rows, coarse: _Rows, known: Tensor, live: Tensor, j: in
 
 
 def _strip_bound(z: Tensor, a: Tensor) -> Tensor:
-    """π/Δ_a per row over all classes (a lower bound on R_w), or 0 where a row has a −inf, NaN or +inf logit or a
-    non-finite slope: those rows are never pruned before their buckets are built. Float64 on the input's device."""
+    """π/Δ_a per row (a lower bound on R_w), float64; 0 (never pruned) where a logit is ±inf or NaN or a slope is not
+    finite."""
     spread = a.amax(dim=-1).to(torch.float64) - a.amin(dim=-1).to(torch.float64)
     plain = torch.isfinite(spread) & torch.isfinite(z.amax(dim=-1)) & (z.amin(dim=-1) > -math.inf)
     return torch.where(plain & (spread > 0), math.pi / spread, torch.where(plain, math.inf, 0.0))
@@ -376,14 +348,13 @@ def weighted_excludes(logits: Tensor, slopes: Tensor, radius: float, *, masked: 
                       buckets: int | None = None, chunk: int = _DEFAULT_CHUNK) -> Tensor:
     """Bool (...): True where the certificate proves ρ* > ``radius`` (no zero of F in |t| ≤ radius); one test per row.
 
-    The screen of the whole-batch minimum: a row it excludes cannot have ρ* ≤ radius. Rows with Δ_a = 0 are
-    excluded (ρ* = inf); invalid rows (NaN radius in ``weighted_radius``) are not.
+    Rows with Δ_a = 0 are excluded (ρ* = inf); invalid rows (NaN radius in ``weighted_radius``) are not.
     """
     z_all, a_all = _flat(logits, slopes)
     result = torch.empty(len(z_all), dtype=torch.bool, device=logits.device)
-    for start in _blocks(len(z_all)):
+    for start in range(0, len(z_all), _ROW_BLOCK):
         rows = _block(z_all, a_all, _span(start, len(z_all), z_all.device), buckets, masked, chunk)
         x = rows.spread * float(radius)
-        known = (x < rows.floor) | (rows.spread == 0)
-        result[start:start + _ROW_BLOCK] = torch.where(torch.isnan(x), False, known | _certifies(rows, x.nan_to_num(0.0)))
+        proved = (x < rows.floor) | (rows.spread == 0) | _certifies(rows, x.nan_to_num(0.0))
+        result[start:start + _ROW_BLOCK] = torch.where(torch.isnan(x), False, proved)
     return result.reshape(logits.shape[:-1])
