@@ -40,9 +40,8 @@ def row_spread(slopes: Tensor, live: Tensor | None = None) -> Tensor:
 def spread(slopes: Tensor, *, live: Tensor | None = None) -> Tensor:
     """Δ_a = max_k a_k − min_k a_k over the last dimension, over the classes where ``live`` is True (all if None).
 
-    Validated: raises ValueError on empty input, K < 2, NaN/inf slopes at live classes, a row without a live class,
-    a ``live`` that is not a bool mask broadcastable to ``slopes``, or a spread that overflows float64.
-    """
+    Raises ValueError on empty input, K < 2, NaN/inf live slopes, a row without a live class, a ``live`` that is not
+    a bool mask broadcastable to ``slopes``, or a spread that overflows float64."""
     if live is None:
         a = class_vectors(slopes, "slopes")
     else:
@@ -95,7 +94,7 @@ def min_exact_radius(logits: Tensor, slopes: Tensor, rtol: float = 1e-8) -> tupl
     Rows are taken in ascending R_w (``weighted_radius``): the first sets the incumbent U; the next, _BRANCH at a
     time, are solved only if they have a zero in |t| < U (argument principle); the search stops at the first row
     with R_w ≥ U. Returns (inf, 0) when every Δ_a = 0; masked classes and invalid input as in ``exact_radius``.
-    Peak extra memory O(2^20 + _BRANCH·K) entries whatever the rows (docs/certified_radius.md).
+    Peak extra memory O(2^20 + _BRANCH·K) entries, whatever the rows (docs/certified_radius.md).
     """
     _check_rtol(rtol)
     z, a = _checked_rows(logits, slopes)
@@ -231,10 +230,7 @@ def _term_parts(logw: Tensor, b: Tensor, t: Tensor) -> tuple[Tensor, Tensor, Ten
 
 def _by_points(fn: Callable[[Tensor, Tensor, Tensor], Tensor | tuple[Tensor, Tensor]], logw: Tensor, b: Tensor,
                rows: Tensor, t: Tensor) -> Tensor | tuple[Tensor, Tensor]:
-    """fn(logw[rows], b[rows], t) in chunks of at most _CHUNK_ELEMENTS gathered (point × class) entries.
-
-    Every (P, K) temporary of the evaluation is bounded by the chunk, whatever the number of points P.
-    """
+    """fn(logw[rows], b[rows], t) in chunks of ≤ _CHUNK_ELEMENTS (point × class) entries, whatever the points P."""
     step = max(1, _CHUNK_ELEMENTS // max(1, logw.shape[-1]))
     if rows.numel() <= step:
         return fn(logw[rows], b[rows], t)
@@ -273,12 +269,11 @@ def _trusted_abs(s: Tensor, k: int) -> Tensor:
 def _upper_zero_count(logw: Tensor, b: Tensor, radius: Tensor) -> tuple[Tensor, Tensor]:
     """Zeros of F in the open upper half-disk |t| < R by the argument principle; returns (count, resolved).
 
-    F > 0 on the real axis, so the winding along the upper semicircle from R to −R is 2π·count. The arc is
-    split into segments until each satisfies h·max|F'| < max(|F(ends)|): then F stays in a disk around
-    that end value that excludes 0, and the phase change over the segment is the principal angle of the
-    ratio of its end values. max|F'| ≤ Σ_{b>0} w b e^{b·x_left} + Σ_{b<0} w|b| e^{b·x_right} because
-    Re t decreases along the arc. A segment still failing when shorter than _MIN_ARC passes (numerically)
-    through a zero: that row is reported unresolved.
+    F > 0 on the real axis, so the winding along the upper semicircle from R to −R is 2π·count. Segments are split
+    until h·max|F'| < max(|F(ends)|): F then stays in a disk around that end value that excludes 0, and the phase
+    change is the principal angle of the ratio of the end values. max|F'| ≤ Σ_{b>0} w b e^{b·x_left} +
+    Σ_{b<0} w|b| e^{b·x_right} (Re t decreases along the arc). A segment still failing when shorter than _MIN_ARC
+    passes (numerically) through a zero: that row is unresolved.
     """
     n, k = logw.shape
     segments = (radius * _GRID_PER_UNIT).ceil().long() + _GRID_MIN
@@ -419,8 +414,7 @@ def _locate(logw: Tensor, b: Tensor, radius: Tensor) -> Tensor:
 def _refine_bracket(logw: Tensor, b: Tensor, lo: Tensor, hi: Tensor, width: float) -> tuple[Tensor, Tensor]:
     """Shrink [lo, hi] (no zero in |t| < lo; one in |t| ≤ hi, or hi = inf) until hi ≤ lo(1 + width).
 
-    An infinite hi is first found by doubling R; then bisection (geometric) on the zero count.
-    """
+    An infinite hi is first found by doubling R; then geometric bisection on the zero count."""
     lo, hi = lo.clone(), hi.clone()
     while True:
         todo = torch.nonzero(hi > lo * (1 + width)).squeeze(-1)
