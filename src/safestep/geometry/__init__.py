@@ -1,17 +1,8 @@
 """Pure math on tensors: convergence radii of softmax (radius, weighted) and admissible belief-space steps (simplex)."""
 from .radius import binary_radius, exact_radius, min_exact_radius, nearest_ghost, radius_lower_bound, spread
 from .weighted import min_weighted_radius, weighted_excludes, weighted_radius
-from .simplex import (
-    ads_step,
-    backoff,
-    barrier,
-    belief_radius,
-    belief_step_cap,
-    max_step,
-    mse_step,
-    normalized_entropy,
-    spread_radius,
-)
+from .simplex import (ads_step, backoff, barrier, belief_radius, belief_step_cap, max_step, mse_step,
+                      normalized_entropy, spread_radius)
 
 __all__ = [
     # radius.py: the convergence radius of softmax cross-entropy along a step

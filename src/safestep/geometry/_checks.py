@@ -37,7 +37,7 @@ def class_vectors(x: Tensor | list, name: str, *, finite: bool = True) -> Tensor
 def same_shape(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
     """Raise ValueError unless ``a`` and ``b`` have identical shapes."""
     if a.shape != b.shape:
-        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has shape {tuple(b.shape)}: they must match")
+        raise ValueError(f"{name_a} has shape {tuple(a.shape)} but {name_b} has {tuple(b.shape)}; they must match")
 
 
 def finite_spread(spread: Tensor, name: str = "slopes") -> Tensor:
@@ -102,20 +102,5 @@ def check_belief(x: Tensor | list, name: str = "p", atol: float = 1e-6) -> Tenso
     err = (t.sum(dim=-1) - 1.0).abs().max().item()
     if err > atol:
         raise ValueError(f"{name} does not sum to 1 over its last dimension (max |sum − 1| = {err:.3g} > {atol:g})")
-    return t
-
-
-def check_labels(labels: Tensor | list, num_classes: int, name: str = "labels") -> Tensor:
-    """Validate integer class labels in [0, num_classes); returns an int64 tensor of the same shape."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
-        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    t = torch.as_tensor(labels)
-    if t.numel() == 0:
-        return t.to(torch.int64)
-    if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
-        raise ValueError(f"{name} must be integer class indices, got dtype {t.dtype}")
-    t = t.to(torch.int64)
-    if t.min() < 0 or t.max() >= num_classes:
-        raise ValueError(f"{name} must lie in [0, {num_classes}), got range [{t.min().item()}, {t.max().item()}]")
     return t
 

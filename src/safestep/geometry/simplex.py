@@ -1,13 +1,12 @@
 """Admissible steps in belief space (Li & Li, arXiv 2605.06741; docs/geometry.md, docs/belief_support.md).
 
-A belief p lies on the simplex Δ, with tangent space T = {v : Σ v_i = 0}. The CE energy E(p) = −Σ y_k log p_k has
-Hessian diag(y/p²) and Fisher proxy diag(1/p). Rules (``RULES``): "paper" 2·min p²/max p, the paper's KL-contraction
-certificate (near the fixed point only); "sharp" 2·min p and "tangent" 2/θ_max(diag(1/p)), thresholds of the Fisher
-proxy; "support" 2/θ_max(diag(y/p²)), below which the projected step is Euclidean-nonexpansive (not contracting).
-The entropy backoff 1/(1 + α(B)) shrinks every rule for diffuse beliefs. ``belief_step_cap`` pulls a rule back to a
-parameter step to *first order* only; ``belief_radius`` is that cap never beyond a certified radius ≤ ρ*: the bound
-to cap steps with. Inputs (..., K), float64 inside, one value per belief (...). Beliefs on the closed simplex are
-accepted; negative entries, |Σ p − 1| > 1e-6, non-finite values, empty input or K < 2 raise ValueError.
+On the simplex, with tangent space T = {v : Σ v_i = 0}, the CE energy E(p) = −Σ y_k log p_k has Hessian diag(y/p²)
+and Fisher proxy diag(1/p). Of the rules (``RULES``, formulas in ``max_step``) "paper" is the paper's KL-contraction
+certificate (near the fixed point only), "sharp" and "tangent" are thresholds of the Fisher proxy, and "support" is
+the threshold below which the projected step is Euclidean-nonexpansive (not contracting). ``belief_step_cap`` pulls a
+rule back to a parameter step to *first order* only; ``belief_radius`` is that cap never beyond a certified radius
+≤ ρ*: the bound to cap steps with. Inputs (..., K), float64 inside, one value per belief (...). Beliefs on the closed
+simplex are accepted; negative entries, |Σ p − 1| > 1e-6, non-finite values, empty input or K < 2 raise ValueError.
 """
 from __future__ import annotations
 
@@ -17,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import as_float64, check_belief, check_labels, same_shape, softmax_line
+from ._checks import as_float64, check_belief, same_shape, softmax_line
 from .radius import radius_lower_bound
 from .weighted import weighted_radius
 
@@ -31,8 +30,7 @@ _BISECTION_STEPS = 64  # halvings of a log-width <= 1500: leaves a relative erro
 def _entropy_deficit(p: Tensor, k: Tensor | int) -> Tensor:
     """1 − B(p) = Σ p_i log(k p_i)/log k = KL(p‖uniform)/log k over k live classes (1 where k = 1: a vertex).
 
-    Accurate where B → 1 (no cancellation). Masked classes hold p_i = 0 and add nothing.
-    """
+    Accurate where B → 1 (no cancellation); masked classes hold p_i = 0 and add nothing."""
     k = torch.as_tensor(k, dtype=p.dtype)
     log_k = torch.where(k > 1, k, 2.0).log()
     deficit = torch.special.xlogy(p, k.unsqueeze(-1) * p).sum(dim=-1) / log_k
@@ -139,10 +137,8 @@ def _rule_inputs(p: Tensor, rule: str, target: Tensor | None) -> tuple[Tensor, T
 def max_step(p: Tensor, rule: str = "paper", *, target: Tensor | None = None) -> Tensor:
     """η_max(p): "paper" 2·min p²/max p, "sharp" 2·min p, "tangent" 2/θ_max(diag(1/p)), "support" 2/θ_max(diag(y/p²)).
 
-    θ_max is the largest eigenvalue on the tangent space T. ``target`` y (same shape as p) is used by "support" only;
-    without it "support" sits at the fixed point y = p, where it equals "tangent" (except that classes with p_k = 0
-    carry no curvature). A one-hot target e_c gives 2·p_c²·K/(K − 1).
-    """
+    θ_max is the largest eigenvalue on T. ``target`` y (shape of p) is for "support" only; without it y = p, where it
+    equals "tangent" (but classes with p_k = 0 carry no curvature). A one-hot target e_c gives 2·p_c²·K/(K − 1)."""
     q, live, y = _rule_inputs(p, rule, target)
     return _max_step(q, rule, live, y)
 
@@ -166,8 +162,14 @@ def mse_step(p: Tensor | None = None, *, B: Tensor | float | None = None, eps: f
 
 
 def _row_labels(labels: Tensor | list, live: Tensor) -> Tensor:
-    """Validated labels, one per row of ``live`` (..., K), each naming a live (not −inf) class; int64 of shape (...)."""
-    y = check_labels(labels, live.shape[-1])
+    """Validated integer labels, one per row of ``live`` (..., K), each naming a live (not −inf) class; int64 (...)."""
+    y = torch.as_tensor(labels)
+    if y.numel() and (y.is_floating_point() or y.is_complex() or y.dtype == torch.bool):
+        raise ValueError(f"labels must be integer class indices, got dtype {y.dtype}")
+    y = y.to(torch.int64)
+    k = live.shape[-1]
+    if y.numel() and (y.min() < 0 or y.max() >= k):
+        raise ValueError(f"labels must lie in [0, {k}), got range [{y.min().item()}, {y.max().item()}]")
     if y.shape != live.shape[:-1]:
         want = tuple(live.shape[:-1])
         raise ValueError(f"labels has shape {tuple(y.shape)} but logits needs {want} (one label per row)")
@@ -195,16 +197,8 @@ def _check_smoothing(smoothing: float) -> float:
     return float(smoothing)
 
 
-def belief_step_cap(
-    logits: Tensor,
-    logit_slopes: Tensor,
-    labels: Tensor | None = None,
-    rule: str = "paper",
-    backoff: bool = True,
-    eps: float = 1e-10,
-    *,
-    smoothing: float = 0.0,
-) -> Tensor:
+def belief_step_cap(logits: Tensor, logit_slopes: Tensor, labels: Tensor | None = None, rule: str = "paper",
+                    backoff: bool = True, eps: float = 1e-10, *, smoothing: float = 0.0) -> Tensor:
     """τ_max,n = η_adm(p_n)·‖P_T g_n‖/‖J_s(p_n) a_n‖, the largest τ with first-order η_eff,n(τ) <= η_adm(p_n).
 
     **First order, not a bound**: it can exceed the row's radius ρ* (and be inf while the row's loss explodes along
@@ -251,17 +245,9 @@ def spread_radius(logits: Tensor, logit_slopes: Tensor) -> Tensor:
     return radius_lower_bound(a, live=live)
 
 
-def belief_radius(
-    logits: Tensor,
-    logit_slopes: Tensor,
-    labels: Tensor | None = None,
-    rule: str = "support",
-    backoff: bool = True,
-    eps: float = 1e-10,
-    *,
-    smoothing: float = 0.0,
-    certified: CertifiedRadius = weighted_radius,
-) -> Tensor:
+def belief_radius(logits: Tensor, logit_slopes: Tensor, labels: Tensor | None = None, rule: str = "support",
+                  backoff: bool = True, eps: float = 1e-10, *, smoothing: float = 0.0,
+                  certified: CertifiedRadius = weighted_radius) -> Tensor:
     """τ_n = min(τ_max,n, R_n): the belief rule's first-order pull-back, never beyond a certified radius R_n <= ρ*_n.
 
     τ_max,n is ``belief_step_cap`` with the same arguments; R_n = ``certified(logits, logit_slopes)`` must be a
