@@ -18,8 +18,9 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import torch
-from safestep.norm import global_norm
 from torch import Tensor
+
+from safestep.norm import global_norm
 
 from .checks import real_tensor
 
