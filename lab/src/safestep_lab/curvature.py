@@ -22,7 +22,7 @@ from torch import Tensor
 
 from safestep.norm import global_norm
 
-from .checks import real_tensor
+from .checks import as_float64
 
 __all__ = ["Params", "directional_curvature", "top_hessian_eigenvalue", "hessian_step"]
 
@@ -141,5 +141,5 @@ def top_hessian_eigenvalue(
 
 def hessian_step(kappa: Tensor | float) -> Tensor:
     """2/κ, the smoothness step of a quadratic model with curvature κ; inf for κ <= 0 (no curvature limit)."""
-    k = real_tensor(kappa, "kappa")
+    k = as_float64(kappa, "kappa")
     return torch.where(k > 0, 2.0 / k, torch.full_like(k, math.inf))

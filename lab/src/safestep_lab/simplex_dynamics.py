@@ -13,7 +13,7 @@ import math
 import torch
 from torch import Tensor
 
-from .checks import belief_pair, class_labels, class_vectors, nonnegative
+from .checks import belief_pair, class_labels, nonnegative, vectors
 
 __all__ = ["GRADIENT_FLOOR", "project_to_simplex", "projected_step", "mirror_step", "contraction_factor", "anchor"]
 
@@ -32,7 +32,7 @@ def _softmax(z: Tensor) -> Tensor:
 
 def project_to_simplex(v: Tensor) -> Tensor:
     """Π_Δ(v) = argmin_{q∈Δ} ‖q − v‖₂ over the last dimension (sort-based algorithm, Duchi et al. 2008)."""
-    x = class_vectors(v, "v", min_classes=1)
+    x = vectors(v, "v")
     u = torch.sort(x, dim=-1, descending=True).values
     cumulative = u.cumsum(dim=-1) - 1.0
     j = torch.arange(1, x.shape[-1] + 1, dtype=x.dtype)

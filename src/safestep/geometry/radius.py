@@ -15,7 +15,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from ._checks import as_float64, class_vectors, finite_spread, live_mask, live_values, softmax_line
+from .checks import as_float64, class_vectors, finite_spread, live_mask, live_values, softmax_line
 from .weighted import weighted_radius
 
 __all__ = ["spread", "row_spread", "radius_lower_bound", "binary_radius", "exact_radius", "nearest_ghost",

@@ -16,7 +16,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from ._checks import as_float64, check_belief, same_shape, softmax_line
+from .checks import as_float64, check_belief, same_shape, softmax_line
 from .radius import radius_lower_bound
 from .weighted import weighted_radius
 

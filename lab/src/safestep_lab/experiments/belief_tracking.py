@@ -1,7 +1,7 @@
 """Belief paper §10: tracking a target that shifts y1 → y2 on the 3-class simplex with Low, High and ADS steps.
 
 The reconstruction of docs/reproduction.md: K = 3, uniform start, entropic mirror descent on E(p) = −Σ y_t log p
-(``safestep.geometry.mirror_step``), y_t = y1 = (0.7, 0.2, 0.1) for t < 300 and y2 = (0.1, 0.2, 0.7) after, T = 600.
+(``safestep_lab.simplex_dynamics.mirror_step``), y_t = y1 = (0.7, 0.2, 0.1) for t < 300 and y2 = (0.1, 0.2, 0.7) after, T = 600.
 Strategies: Low (η = 0.02, below η_max(p_t) along the whole path), High (η = 1.5, far above it) and ADS-aware
 (η_t = ads_step(p_t) = η_max(p_t)/(1 + α(B(p_t))), ε = 1e-10). Side studies: the High outcome as a function of η
 (which vertex it collapses to, from η below every admissible bound up to 5), set against the bound η_max(y) of

@@ -1,4 +1,5 @@
-"""Input validation shared by the geometry layer: every check raises ValueError naming the problem."""
+"""Input validation shared by the geometry layer (public, so tools built on it validate alike): every check raises
+ValueError naming the problem."""
 from __future__ import annotations
 
 import torch
