@@ -6,6 +6,7 @@ on every step (docs/lr_finder.md)."""
 from __future__ import annotations
 
 import copy
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -85,8 +86,7 @@ class LRFinderResult:
     @property
     def best_round(self) -> LRRound:
         """The round trained at the suggestion (the last round when none was verified)."""
-        verified = [r for r in self.rounds if r.verified]
-        return max(verified, key=lambda r: r.lr) if verified else self.rounds[-1]
+        return max((r for r in self.rounds if r.verified), key=lambda r: r.lr, default=self.rounds[-1])
 
     @property
     def steps(self) -> tuple[LRStep, ...]:
@@ -173,8 +173,8 @@ def find_lr(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable
     if not (math.isfinite(base_lr) and base_lr > 0):
         raise ValueError(f"the optimizer's learning rate (param group 0) must be positive to be scaled, got {base_lr}")
     logits_fn = logits_fn or default_logits_fn
-    run = _RoundRunner(model, optimizer, loader, num_steps, base_lr, loss_fn, inputs_fn or _split_pair, logits_fn,
-                       seed, progress)
+    run = functools.partial(_train_round, model, optimizer, loader, num_steps, base_lr, loss_fn,
+                            inputs_fn or _split_pair, logits_fn, seed, progress)
     snapshot = _Snapshot(model, optimizer)
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
@@ -187,23 +187,21 @@ def find_lr(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable
         snapshot.restore()
 
 
-def _search(run: "_RoundRunner", guard: SafeStep, snapshot: "_Snapshot", lr: float, rounds: int, rtol: float,
-            window: int) -> LRFinderResult:
+def _search(run: Callable[[SafeStep, int, float], LRRound], guard: SafeStep, snapshot: "_Snapshot", lr: float,
+            rounds: int, rtol: float, window: int) -> LRFinderResult:
     done: list[LRRound] = []
     aim = 1.0 / math.sqrt(1.0 + rtol)  # target max r: the middle of the accepted band [1/(1 + rtol), 1]
     for k in range(rounds):
         snapshot.restore(guard)
         done.append(run(guard, k, lr))
-        verified = [r for r in done if r.verified]
-        failed = [r for r in done if not r.verified]
-        lo = max(verified, key=lambda r: r.lr) if verified else None
-        hi = min(failed, key=lambda r: r.lr) if failed else None
+        lo = max((r for r in done if r.verified), key=lambda r: r.lr, default=None)
+        hi = min((r for r in done if not r.verified), key=lambda r: r.lr, default=None)
         if lo is not None and hi is None and lo.max_r == 0.0:
             return LRFinderResult(math.inf, True, tuple(done), window)
         if lo is not None and (lo.max_r * (1.0 + rtol) >= 1.0 or (hi is not None and hi.lr <= lo.lr * (1.0 + rtol))):
             break
         lr = _next_lr(lo, hi, aim)
-    if verified:
+    if lo is not None:
         return LRFinderResult(lo.lr, True, tuple(done), window)
     return LRFinderResult(lr, False, tuple(done), window)
 
@@ -225,43 +223,31 @@ def _next_lr(lo: LRRound | None, hi: LRRound | None, aim: float) -> float:
     return math.exp(min(max(x, x_lo + margin), x_hi - margin))
 
 
-@dataclass(frozen=True)
-class _RoundRunner:
-    """Trains one round: num_steps plain steps at a constant base LR, measured by a monitoring SafeStep."""
-
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
-    loader: Iterable[Any]
-    num_steps: int
-    base_lr: float
-    loss_fn: LossFn
-    inputs_fn: InputsFn
-    logits_fn: LogitsFn
-    seed: int
-    progress: Progress | None
-
-    def __call__(self, guard: SafeStep, index: int, lr: float) -> LRRound:
-        factor = lr / self.base_lr
-        for group in self.optimizer.param_groups:
-            group["lr"] = group["lr"] * factor
-        torch.manual_seed(self.seed)
-        steps = []
-        for t, batch in enumerate(_cycle(self.loader, self.num_steps)):
-            inputs, labels = self.inputs_fn(batch)
-            guard.zero_grad(set_to_none=True)
-            logits = _check_logits(self.logits_fn(self.model, inputs))
-            loss = self.loss_fn(logits, labels)
-            loss.backward()
-            guard.step(inputs=inputs, labels=_class_labels(labels, logits))
-            report = guard.last_report
-            unmeasured = math.isnan(report.r_proposed)  # the monitor applied a step no radius describes
-            ratio = report.r_proposed
-            lr_safe = math.nan if unmeasured else (lr / ratio if ratio > 0 else math.inf)
-            step = LRStep(index, t, lr, float(loss.detach()), report.tau, report.rho, ratio, lr_safe, unmeasured)
-            steps.append(step)
-            if self.progress is not None:
-                self.progress(step)
-        return LRRound(lr, tuple(steps))
+def _train_round(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable[Any], num_steps: int,
+                 base_lr: float, loss_fn: LossFn, inputs_fn: InputsFn, logits_fn: LogitsFn, seed: int,
+                 progress: Progress | None, guard: SafeStep, index: int, lr: float) -> LRRound:
+    """Round ``index``: num_steps plain steps at the constant base LR ``lr``, measured by the monitoring ``guard``."""
+    factor = lr / base_lr
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+    torch.manual_seed(seed)
+    steps = []
+    for t, batch in enumerate(_cycle(loader, num_steps)):
+        inputs, labels = inputs_fn(batch)
+        guard.zero_grad(set_to_none=True)
+        logits = _check_logits(logits_fn(model, inputs))
+        loss = loss_fn(logits, labels)
+        loss.backward()
+        guard.step(inputs=inputs, labels=_class_labels(labels, logits))
+        report = guard.last_report
+        unmeasured = math.isnan(report.r_proposed)  # the monitor applied a step no radius describes
+        ratio = report.r_proposed
+        lr_safe = math.nan if unmeasured else (lr / ratio if ratio > 0 else math.inf)
+        step = LRStep(index, t, lr, float(loss.detach()), report.tau, report.rho, ratio, lr_safe, unmeasured)
+        steps.append(step)
+        if progress is not None:
+            progress(step)
+    return LRRound(lr, tuple(steps))
 
 
 class _Snapshot:
