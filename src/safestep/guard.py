@@ -98,12 +98,9 @@ class SafeStep(torch.optim.Optimizer):
         sharded = is_sharded(probe_module(model))
         if sharded and method in ("jvp", "reuse"):
             raise ValueError(f"method={method!r} cannot probe sharded (FSDP) parameters; use method='auto' or 'fd'")
-        self._optimizer_step_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_step_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_state_dict_post_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_pre_hooks: OrderedDict = OrderedDict()
-        self._optimizer_load_state_dict_post_hooks: OrderedDict = OrderedDict()
+        for hooks in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
+                      "load_state_dict_post"):  # the hook tables torch.optim.Optimizer.__init__ would make
+            setattr(self, f"_optimizer_{hooks}_hooks", OrderedDict())
         self._patch_step_function()
         self.optimizer = optimizer
         self.model = model
