@@ -5,6 +5,7 @@ this package imports none, so ``import safestep`` never does. Accelerate needs n
 """
 from __future__ import annotations
 
+import itertools
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
@@ -82,9 +83,4 @@ def interval_metrics(reports: Sequence[StepReport], prefix: str = DEFAULT_PREFIX
 
 def reports_after(guard: SafeStep, step: int) -> list[StepReport]:
     """The guard's stored reports whose step index is greater than ``step``, oldest first."""
-    newer: list[StepReport] = []
-    for report in reversed(guard.history):
-        if report.step <= step:
-            break
-        newer.append(report)
-    return newer[::-1]
+    return list(itertools.takewhile(lambda report: report.step > step, reversed(guard.history)))[::-1]

@@ -27,17 +27,14 @@ _MASTER = ("DeepSpeed's {name} mode steps the wrapped optimizer on fp32 master c
            "yourself) with ZeRO stage 0, or use FSDP2 with a MixedPrecisionPolicy")
 
 
-def _load(config: Any) -> Mapping[str, Any]:
-    if isinstance(config, (str, os.PathLike)):
-        with open(config) as handle:
-            return json.load(handle)
-    return config if isinstance(config, Mapping) else {}
-
-
 def check_config(config: Any) -> None:
     """ValueError naming the reason and the alternative when a DeepSpeed config (a dict or a JSON path) would make the
     engine step the optimizer on tensors other than the model's parameters; None when SafeStep can be the client."""
-    config = _load(config)
+    if isinstance(config, (str, os.PathLike)):
+        with open(config) as handle:
+            config = json.load(handle)
+    elif not isinstance(config, Mapping):
+        config = {}
     stage = (config.get("zero_optimization") or {}).get("stage", 0)
     if stage not in (0, "0", None):  # "auto" (HF) too: the engine would pick a partitioning stage
         raise ValueError(_PARTITIONED.format(stage=stage))
