@@ -8,7 +8,7 @@ from .base import (METHODS, Displacement, Probe, Slopes, central_difference, fd_
 from .dense import LogitProbe, check_logits, logits_of, require_forward
 from .factory import make_probe
 from .inputs import (CallArgs, InputCapture, Inputs, LogitsFn, as_batch, batch_size, call_model, default_logits_fn,
-                     describe, extract_logits, map_tensors, shared_leaves, take_rows, tensor_leaves)
+                     describe, extract_logits, map_tensors, shared_leaves, take_rows)
 from .selection import (DEFAULT_PROBE_SIZE, SELECTIONS, ProbeSize, check_probe_size, choose_rows, eligible_rows,
                         probe_count, row_scores)
 
@@ -16,7 +16,7 @@ __all__ = [
     "METHODS", "Displacement", "Probe", "Slopes", "central_difference", "forward_difference", "fd_step",
     "is_missing_forward_ad", "probe_dtype", "LogitProbe", "check_logits", "logits_of", "require_forward", "make_probe",
     "CallArgs", "InputCapture", "as_batch", "Inputs", "LogitsFn", "batch_size", "call_model", "default_logits_fn",
-    "describe", "extract_logits", "map_tensors", "shared_leaves", "take_rows", "tensor_leaves",
+    "describe", "extract_logits", "map_tensors", "shared_leaves", "take_rows",
     "DEFAULT_PROBE_SIZE", "SELECTIONS", "ProbeSize", "check_probe_size", "choose_rows", "eligible_rows",
     "probe_count", "row_scores",
 ]

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["CallArgs", "Inputs", "LogitsFn", "call_model", "extract_logits", "describe", "default_logits_fn",
-           "as_batch", "tensor_leaves", "map_tensors", "batch_size", "shared_leaves", "take_rows", "Scorer",
+           "as_batch", "map_tensors", "batch_size", "shared_leaves", "take_rows", "Scorer",
            "InputCapture"]
 
 
@@ -83,11 +83,6 @@ def as_batch(inputs: Inputs) -> Any:
     return dict(inputs.kwargs) if not inputs.args else inputs
 
 
-def tensor_leaves(inputs: Any) -> Iterator[Tensor]:
-    """Every tensor inside (nested dicts, lists, tuples, named tuples, CallArgs), depth first, in order."""
-    return (leaf for _, leaf in _leaf_paths(inputs))
-
-
 def map_tensors(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
     """The same nested structure with every tensor leaf t replaced by fn(t) (containers rebuilt, other leaves kept)."""
     if isinstance(inputs, Tensor):
@@ -105,14 +100,14 @@ def map_tensors(inputs: Any, fn: Callable[[Tensor], Tensor]) -> Any:
 
 def batch_size(inputs: Inputs) -> int:
     """B = the leading size of the first tensor with at least one dimension among the (nested) inputs."""
-    for leaf in tensor_leaves(inputs):
+    for _, leaf in _leaf_paths(inputs):
         if leaf.ndim > 0:
             return leaf.shape[0]
     raise ValueError("the inputs hold no tensor with a batch dimension; cannot probe them")
 
 
 def _leaf_paths(inputs: Any, prefix: str = "") -> Iterator[tuple[str, Tensor]]:
-    """(a readable path, tensor) for every tensor leaf, in ``tensor_leaves`` order."""
+    """(a readable path, tensor) of every tensor inside (nested dicts, lists, tuples, CallArgs), depth first."""
     if isinstance(inputs, Tensor):
         yield prefix or "input", inputs
     elif isinstance(inputs, CallArgs):
