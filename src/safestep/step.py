@@ -134,9 +134,8 @@ def prepare_batch(config: StepConfig, target: StepTarget, state: RunState, param
     note = "; ".join(n for n in (why, note) if n)
     if rows is None:
         return Batch(inputs, labels, rows_in_batch, rows_in_batch, note, method, reference)
-    picked = None if labels is None else labels.index_select(0, rows.to(labels.device))
-    reference = None if reference is None else reference.index_select(0, rows.to(reference.device))
-    return Batch(take_rows(inputs, rows, rows_in_batch), picked, rows.numel(), rows_in_batch, note, method, reference)
+    inputs, labels, reference = take_rows((inputs, labels, reference), rows, rows_in_batch)
+    return Batch(inputs, labels, rows.numel(), rows_in_batch, note, method, reference)
 
 
 def _estimator(config: StepConfig, state: RunState, reference: Tensor | None,
@@ -181,7 +180,8 @@ def _preflight(config: StepConfig, target: StepTarget, params: Sequence[Tensor],
     for method "reuse" the training forward's logits must be the probe's function at θ0 (no dropout, no autocast)."""
     coupled = whole or target.probe.uses_batch_statistics()
     rows = torch.arange(min(_PREFLIGHT_ROWS, rows_in_batch))
-    probed = inputs if coupled else take_rows(inputs, rows, rows_in_batch)
+    probed, picked, reference = ((inputs, labels, reference) if coupled
+                                 else take_rows((inputs, labels, reference), rows, rows_in_batch))
     live = [local_tensor(p).detach() for p in params]
     one = torch.ones((), dtype=torch.float64, device=live[0].device)
     method = "jvp" if config.method == "reuse" else config.method
@@ -189,12 +189,11 @@ def _preflight(config: StepConfig, target: StepTarget, params: Sequence[Tensor],
         logits = target.probe.along(params, Displacement(live, [torch.zeros_like(t) for t in live], one, one),
                                     probed, method).logits
     if reference is not None:
-        _check_reference(reference if coupled else reference.index_select(0, rows.to(reference.device)), logits)
+        _check_reference(reference, logits)
     if logits.shape[-1] < 2:
         raise ValueError(f"the model's logits have K = {logits.shape[-1]} class(es) in their last dimension; "
                          "cross-entropy over fewer than 2 classes is constant, there is no step to bound")
     if labels is not None:
-        picked = labels if coupled else labels.index_select(0, rows.to(labels.device))
         if tuple(picked.shape) != tuple(logits.shape[:-1]):
             raise ValueError(_row_mismatch(tuple(labels.shape), tuple(logits.shape), rows_in_batch))
         _check_label_range(labels.cpu(), logits.shape[-1], config.ignore_index)
