@@ -133,11 +133,8 @@ def rolling_min(values: Sequence[float], window: int) -> list[float]:
     """m_t = min(values[t − ⌊w/2⌋ : t + ⌊w/2⌋ + 1]) (nan entries ignored; nan where the window has none)."""
     _check_int("window", window)
     half = window // 2
-    out = []
-    for t in range(len(values)):
-        finite = [v for v in values[max(0, t - half): t + half + 1] if not math.isnan(v)]
-        out.append(min(finite) if finite else math.nan)
-    return out
+    windows = (values[max(0, t - half): t + half + 1] for t in range(len(values)))
+    return [min((v for v in window if not math.isnan(v)), default=math.nan) for window in windows]
 
 
 def cross_entropy(logits: Tensor, labels: Tensor) -> Tensor:
