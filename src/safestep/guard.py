@@ -17,8 +17,9 @@ from torch import Tensor, nn
 from .bounds import IGNORE_INDEX, Aggregate, BoundSpec, make_bound
 from .collectives import make_reducer
 from .layout import capture_module, is_sharded, probe_module
-from .probe import (DEFAULT_PROBE_SIZE, CallArgs, InputCapture, Inputs, ProbeSize, as_batch, extract_logits,
-                    make_probe, row_scores)
+from .probe import (DEFAULT_PROBE_SIZE, CallArgs, InputCapture, Inputs, LogitProbe, ProbeSize, as_batch,
+                    extract_logits, row_scores)
+from .probe.sharded import ShardedProbe
 from .step import MODES, RunState, StepConfig, StepTarget, prepare_batch, safe_step
 from .telemetry import History, ReportSink, StepReport
 from .watch import FreezeWatch
@@ -95,7 +96,8 @@ class SafeStep(torch.optim.Optimizer):
         for name, fn in (("logits_fn", logits_fn), ("labels_fn", labels_fn)):
             if fn is not None and not callable(fn):
                 raise ValueError(f"{name} must be callable or None, got {type(fn).__name__}")
-        sharded = is_sharded(probe_module(model))
+        bare = probe_module(model)  # inside DDP wrappers and torch.compile: the module the probe runs eagerly
+        sharded = is_sharded(bare)
         if sharded and method in ("jvp", "reuse"):
             raise ValueError(f"method={method!r} cannot probe sharded (FSDP) parameters; use method='auto' or 'fd'")
         for hooks in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
@@ -106,7 +108,8 @@ class SafeStep(torch.optim.Optimizer):
         self.model = model
         self.labels_fn = labels_fn
         self.capture = InputCapture(capture_module(model), self._row_scores) if capture else None
-        self.target = StepTarget(make_probe(model, logits_fn), make_reducer(process_group), sharded, self._quiet)
+        probe = ShardedProbe(bare, logits_fn) if sharded else LogitProbe(bare, logits_fn)
+        self.target = StepTarget(probe, make_reducer(process_group), sharded, self._quiet)
         self.run = RunState()
         self.history = History(history, sinks)
         self.last_report: StepReport | None = None

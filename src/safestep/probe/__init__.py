@@ -6,7 +6,6 @@ finite differences), ``sharded`` probes FSDP2 parameters in place; both follow t
 from .base import (METHODS, Displacement, Probe, Slopes, central_difference, fd_step, forward_difference,
                    is_missing_forward_ad, probe_dtype)
 from .dense import LogitProbe, check_logits, logits_of, require_forward
-from .factory import make_probe
 from .inputs import (CallArgs, InputCapture, Inputs, LogitsFn, as_batch, batch_size, call_model, default_logits_fn,
                      describe, extract_logits, map_tensors, shared_leaves, take_rows)
 from .selection import (DEFAULT_PROBE_SIZE, SELECTIONS, ProbeSize, check_probe_size, choose_rows, eligible_rows,
@@ -14,7 +13,7 @@ from .selection import (DEFAULT_PROBE_SIZE, SELECTIONS, ProbeSize, check_probe_s
 
 __all__ = [
     "METHODS", "Displacement", "Probe", "Slopes", "central_difference", "forward_difference", "fd_step",
-    "is_missing_forward_ad", "probe_dtype", "LogitProbe", "check_logits", "logits_of", "require_forward", "make_probe",
+    "is_missing_forward_ad", "probe_dtype", "LogitProbe", "check_logits", "logits_of", "require_forward",
     "CallArgs", "InputCapture", "as_batch", "Inputs", "LogitsFn", "batch_size", "call_model", "default_logits_fn",
     "describe", "extract_logits", "map_tensors", "shared_leaves", "take_rows",
     "DEFAULT_PROBE_SIZE", "SELECTIONS", "ProbeSize", "check_probe_size", "choose_rows", "eligible_rows",
