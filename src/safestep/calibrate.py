@@ -20,7 +20,7 @@ from torch import nn
 
 from .guard import SafeStep
 from .lr_finder import _check_int, _standalone_figure
-from .probe.selection import ProbeSize
+from .probe.selection import DEFAULT_PROBE_SIZE, ProbeSize
 from .telemetry import StepReport, read_reports
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ __all__ = ["CalibrationTarget", "Rule", "ProbeComparison", "Recommendation", "Ca
 
 CANDIDATE_RADII = (0.5, 1.0, 2.0)
 """The values of r whose cap share is reported and among which the rule chooses."""
-DEFAULT_PROBE: ProbeSize = 0.125
+DEFAULT_PROBE: ProbeSize = DEFAULT_PROBE_SIZE
 """SafeStep's default probe budget, the one the run measures on every step."""
 QUANTILES = (0.5, 0.9, 0.99, 1.0)
 Progress = Callable[[str, int, int], None]

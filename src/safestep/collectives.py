@@ -62,9 +62,7 @@ class Reducer:
 def make_reducer(process_group: Any = None) -> Reducer:
     """The Reducer of ``process_group``, or of the default group when torch.distributed is initialized, else a no-op."""
     if process_group is None:
-        if dist.is_available() and dist.is_initialized():
-            return Reducer(dist.group.WORLD)
-        return Reducer()
+        return Reducer(dist.group.WORLD if dist.is_available() and dist.is_initialized() else None)
     if dist.is_available() and process_group is dist.GroupMember.NON_GROUP_MEMBER:
         raise ValueError("this rank is not a member of process_group (dist.new_group(ranks) excludes it); "
                          "create the SafeStep only on member ranks or pass a group that contains this rank")

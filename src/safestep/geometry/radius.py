@@ -74,8 +74,7 @@ def exact_radius(logits: Tensor, slopes: Tensor, rtol: float = 1e-8) -> Tensor:
     logits, rows without a live class, NaN/inf live slopes, overflowing spreads, empty input, K < 2 or mismatched
     shapes.
     """
-    radius, _ = _exact(logits, slopes, rtol)
-    return radius
+    return _exact(logits, slopes, rtol)[0]
 
 
 def nearest_ghost(logits: Tensor, slopes: Tensor) -> Tensor:
@@ -84,8 +83,7 @@ def nearest_ghost(logits: Tensor, slopes: Tensor) -> Tensor:
     complex128 (...); NaN + NaN·j where there is no zero (Δ_a = 0) or the radius was certified by bisection alone.
     Ties in modulus return one of them. Masked classes and invalid input as in ``exact_radius``.
     """
-    _, ghost = _exact(logits, slopes, _DEFAULT_RTOL)
-    return ghost
+    return _exact(logits, slopes, _DEFAULT_RTOL)[1]
 
 
 def min_exact_radius(logits: Tensor, slopes: Tensor, rtol: float = 1e-8) -> tuple[Tensor, int]:
