@@ -82,13 +82,9 @@ def backoff(p: Tensor, eps: float = 1e-10) -> Tensor:
 
 
 def _secular_threshold(e: Tensor, live: Tensor) -> Tensor:
-    """2/θ_max, θ_max = λ_max of diag(1/e) compressed to the tangent space of the live face; e ∈ [0, ∞], per row.
-
-    The compression's eigenvalues θ solve Σ_live 1/(1/e_i − θ) = 0, i.e. in σ = 1/θ the secular equation
-    f(σ) = Σ_{e_i < ∞} e_i/(σ − e_i) − #{e_i = ∞} = 0 (classes with e_i = ∞ carry no curvature). The largest θ has
-    σ ∈ [e_(1), min(e_(2), e_(1)·k/(k − 1))] (interlacing with the two smallest e, and the Rayleigh quotient of
-    P_T e_(1)), where f decreases; bisection runs on log σ. e_(1) = 0 gives threshold 0. Rows need k >= 2 live.
-    """
+    """2/θ_max, θ_max = λ_max of diag(1/e) compressed to the tangent space of the live face; e ∈ [0, ∞], per row:
+    bisection in log σ = −log θ on the secular equation f(σ) = Σ_{e_i < ∞} e_i/(σ − e_i) − #{e_i = ∞}, decreasing on
+    σ ∈ [e_(1), min(e_(2), e_(1)·k/(k − 1))] (docs/belief_support.md). e_(1) = 0 gives 0. Rows need k >= 2 live."""
     k = live.sum(dim=-1).to(e.dtype)
     e = torch.where(live, e, math.inf)
     two_smallest = torch.topk(e, 2, dim=-1, largest=False).values
