@@ -76,10 +76,9 @@ class Rule:
     def __post_init__(self) -> None:
         if not 0.0 <= self.max_cap_share < 1.0:
             raise ValueError(f"max_cap_share must lie in [0, 1), got {self.max_cap_share}")
-        if not self.max_overstatement >= 1.0:
-            raise ValueError(f"max_overstatement must be at least 1, got {self.max_overstatement}")
-        if not self.cheap_ratio >= 1.0:
-            raise ValueError(f"cheap_ratio must be at least 1, got {self.cheap_ratio}")
+        for name in ("max_overstatement", "cheap_ratio"):
+            if not getattr(self, name) >= 1.0:
+                raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
 
 
 @dataclass(frozen=True)
@@ -307,8 +306,7 @@ def calibrate(target: CalibrationTarget | Callable[[], Any], *, steps: int = 100
     if compare >= steps:
         raise ValueError(f"compare ({compare}) must be smaller than steps ({steps}): the first step is never compared")
     radii = _checked_radii(radii)
-    if not isinstance(target, CalibrationTarget):
-        target = _as_target(target() if callable(target) else target)
+    target = _as_target(target() if callable(target) else target)  # a CalibrationTarget is not callable
     run = _Run(target, progress)
     keys = [set(group) for group in target.optimizer.param_groups]
     try:

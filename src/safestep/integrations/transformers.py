@@ -39,9 +39,7 @@ def sequence_labels(batch: Inputs) -> Tensor | None:
     encoder-decoder LMs); None when the batch holds no integer labels (regression, multi-label, labels a label
     smoother popped), and the bound then runs without labels."""
     labels = batch.get("labels") if isinstance(batch, Mapping) else None
-    if not isinstance(labels, Tensor) or labels.is_floating_point():
-        return None
-    return labels
+    return labels if isinstance(labels, Tensor) and not labels.is_floating_point() else None
 
 
 def causal_lm_labels(batch: Inputs) -> Tensor | None:
