@@ -302,7 +302,7 @@ def _measured(params: Sequence[Tensor], live: list[Tensor], theta0: list[Tensor]
     _check_decision(decision, slopes.logits.shape[-1], config.ignore_index)
     tau, rho = decision.tau, decision.rho
     binding = list(leaves(config.bound))[decision.binding].name
-    reason = report.prefix(slopes)
+    reason = "".join(f"{n}; " for n in (slopes.note, batch.note) if n)  # the probe's and the row choice's notes
     if not math.isfinite(tau):
         return _uncertified(live, theta0, config, report, tau, binding, slopes, reason + "non-finite update")
     if tau == 0.0:  # lr = 0 (a warm-up's first step) or a zero gradient: no direction, nothing to bound
@@ -344,10 +344,6 @@ class _Reporter:
 
     def __init__(self, config: StepConfig, state: RunState, batch: Batch, start: float) -> None:
         self.config, self.state, self.batch, self.start = config, state, batch, start
-
-    def prefix(self, slopes: Slopes) -> str:
-        """The notes of the probe and the row choice, as the start of the report's reason."""
-        return "".join(f"{n}; " for n in (slopes.note, self.batch.note) if n)
 
     def __call__(self, tau: float, rho: float, scale: float, bound: str | None = None, method: str = "none",
                  skipped: bool = False, reason: str = "") -> StepReport:
