@@ -172,24 +172,24 @@ def find_lr(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Iterable
     logits_fn = logits_fn or default_logits_fn
     run = functools.partial(_train_round, model, optimizer, loader, num_steps, base_lr, loss_fn,
                             inputs_fn or _split_pair, logits_fn, seed, progress)
-    snapshot = _Snapshot(model, optimizer)
+    restore = _snapshot(model, optimizer)
     cuda = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
         with torch.random.fork_rng(devices=cuda):
             guard = SafeStep(optimizer, model, mode="monitor", bound=bound, method=method, probe_size=probe_size,
                              probe_select="stride", aggregate=aggregate, logits_fn=logits_fn, capture=False,
                              history=1)
-            return _search(run, guard, snapshot, float(lr), rounds, float(rtol), window)
+            return _search(run, guard, restore, float(lr), rounds, float(rtol), window)
     finally:
-        snapshot.restore()
+        restore()
 
 
-def _search(run: Callable[[SafeStep, int, float], LRRound], guard: SafeStep, snapshot: "_Snapshot", lr: float,
-            rounds: int, rtol: float, window: int) -> LRFinderResult:
+def _search(run: Callable[[SafeStep, int, float], LRRound], guard: SafeStep, restore: Callable[..., None],
+            lr: float, rounds: int, rtol: float, window: int) -> LRFinderResult:
     done: list[LRRound] = []
     aim = 1.0 / math.sqrt(1.0 + rtol)  # target max r: the middle of the accepted band [1/(1 + rtol), 1]
     for k in range(rounds):
-        snapshot.restore(guard)
+        restore(guard)
         done.append(run(guard, k, lr))
         lo = max((r for r in done if r.verified), key=lambda r: r.lr, default=None)
         hi = min((r for r in done if not r.verified), key=lambda r: r.lr, default=None)
@@ -247,23 +247,21 @@ def _train_round(model: nn.Module, optimizer: torch.optim.Optimizer, loader: Ite
     return LRRound(lr, tuple(steps))
 
 
-class _Snapshot:
-    """Deep copies of the model's state dict, its gradients and the optimizer's state dict, restorable in place."""
+def _snapshot(model: nn.Module, optimizer: torch.optim.Optimizer) -> Callable[..., None]:
+    """Deep copies of the model's state dict, its gradients and the optimizer's state dict, and ``restore(into=None)``
+    that copies them back into the live tensors and loads the optimizer state into ``into`` (default: ``optimizer``;
+    a SafeStep wrapping it keeps its counters)."""
+    model_state = copy.deepcopy(model.state_dict())
+    grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
+    optimizer_state = copy.deepcopy(optimizer.state_dict())
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-        self.model = model
-        self.optimizer = optimizer
-        self.model_state = copy.deepcopy(model.state_dict())
-        self.grads = [(p, None if p.grad is None else p.grad.detach().clone()) for p in model.parameters()]
-        self.optimizer_state = copy.deepcopy(optimizer.state_dict())
-
-    def restore(self, optimizer: torch.optim.Optimizer | None = None) -> None:
-        """Copy the snapshot back into the live tensors; load the optimizer state into ``optimizer`` (default: the
-        original one; a SafeStep wrapping it keeps its counters)."""
-        self.model.load_state_dict(self.model_state)
-        for p, grad in self.grads:
+    def restore(into: torch.optim.Optimizer | None = None) -> None:
+        model.load_state_dict(model_state)
+        for p, grad in grads:
             p.grad = None if grad is None else grad.clone()
-        (optimizer or self.optimizer).load_state_dict(copy.deepcopy(self.optimizer_state))
+        (into or optimizer).load_state_dict(copy.deepcopy(optimizer_state))
+
+    return restore
 
 
 def _cycle(loader: Iterable[Any], count: int) -> Iterator[Any]:
