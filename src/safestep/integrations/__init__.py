@@ -72,13 +72,12 @@ def interval_metrics(reports: Sequence[StepReport], prefix: str = DEFAULT_PREFIX
     """The last report's metrics plus, over the interval, max r_applied, capped and skipped fractions, step count."""
     if not reports:
         raise ValueError("interval_metrics needs at least one report")
-    metrics = report_metrics(reports[-1], prefix)
     count = len(reports)
-    metrics[prefix + "r_applied_max"] = max(float(report.r_applied) for report in reports)
-    metrics[prefix + "capped_fraction"] = sum(report.capped for report in reports) / count
-    metrics[prefix + "skipped_fraction"] = sum(report.skipped for report in reports) / count
-    metrics[prefix + "steps"] = float(count)
-    return metrics
+    return {**report_metrics(reports[-1], prefix),
+            prefix + "r_applied_max": max(float(report.r_applied) for report in reports),
+            prefix + "capped_fraction": sum(report.capped for report in reports) / count,
+            prefix + "skipped_fraction": sum(report.skipped for report in reports) / count,
+            prefix + "steps": float(count)}
 
 
 def reports_after(guard: SafeStep, step: int) -> list[StepReport]:
