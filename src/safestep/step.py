@@ -5,6 +5,7 @@ snapshot θ0 → inner step → Δθ, τ → slopes on the probed rows → ρ �
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -257,7 +258,7 @@ def safe_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], batch:
     """One guarded step of ``optimizer`` over ``params`` (the trainable parameters), probed on ``batch``; any exception
     after the snapshot restores θ0 bit for bit and carries a note saying so. ``state.steps`` is the caller's."""
     start = time.perf_counter() if start is None else start
-    report = _Reporter(config, state, batch, start)
+    report = functools.partial(_report, config, state, batch, start)
     if not params:
         optimizer.step()
         return report(0.0, math.inf, 1.0, reason="no parameter has a gradient")
@@ -283,7 +284,8 @@ def safe_step(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], batch:
 
 
 def _measured(params: Sequence[Tensor], live: list[Tensor], theta0: list[Tensor], batch: Batch, config: StepConfig,
-              target: StepTarget, state: RunState, report: "_Reporter", finite: Tensor | None) -> StepReport:
+              target: StepTarget, state: RunState, report: Callable[..., StepReport],
+              finite: Tensor | None) -> StepReport:
     """Δθ, τ, the slopes, ρ and the decision; then the guarded write (or the restore)."""
     assert state.schema is not None
     step = displacement(live, theta0, target.reducer, target.sharded)
@@ -330,8 +332,8 @@ def _check_decision(decision: "Decision", classes: int, ignore_index: int) -> No
             "rank's shard as if it were the whole model; accelerate: safestep.integrations.seat_safestep)")
 
 
-def _uncertified(live: list[Tensor], theta0: list[Tensor], config: StepConfig, report: "_Reporter", tau: float,
-                 binding: str, slopes: Slopes, why: str) -> StepReport:
+def _uncertified(live: list[Tensor], theta0: list[Tensor], config: StepConfig, report: Callable[..., StepReport],
+                 tau: float, binding: str, slopes: Slopes, why: str) -> StepReport:
     """A step no radius certifies: restored to θ0 and reported skipped (cap, set), or left applied (monitor)."""
     if config.mode == "monitor":
         return report(tau, math.nan, 1.0, binding, slopes.method, reason=f"{why}: applied unmeasured (monitor)")
@@ -339,20 +341,14 @@ def _uncertified(live: list[Tensor], theta0: list[Tensor], config: StepConfig, r
     return report(tau, math.nan, 0.0, binding, slopes.method, skipped=True, reason=f"{why}: parameters restored")
 
 
-class _Reporter:
-    """Builds the step's ``StepReport`` (r = τ/ρ, r_applied = s·r, the batch's row counts, the wall time)."""
-
-    def __init__(self, config: StepConfig, state: RunState, batch: Batch, start: float) -> None:
-        self.config, self.state, self.batch, self.start = config, state, batch, start
-
-    def __call__(self, tau: float, rho: float, scale: float, bound: str | None = None, method: str = "none",
-                 skipped: bool = False, reason: str = "") -> StepReport:
-        ratio = 0.0 if tau == 0 else (tau / rho if rho != 0 else math.inf)
-        return StepReport(tau=tau, rho=rho, r_proposed=ratio, scale=scale, r_applied=0.0 if skipped else scale * ratio,
-                          bound=self.config.bound.name if bound is None else bound, method=method,
-                          rows_probed=self.batch.rows_probed, skipped=skipped,
-                          seconds=time.perf_counter() - self.start, step=self.state.steps, reason=reason,
-                          rows_in_batch=self.batch.rows_in_batch)
+def _report(config: StepConfig, state: RunState, batch: Batch, start: float, tau: float, rho: float, scale: float,
+            bound: str | None = None, method: str = "none", skipped: bool = False, reason: str = "") -> StepReport:
+    """The step's ``StepReport`` (r = τ/ρ, r_applied = s·r, the batch's row counts, the wall time since ``start``)."""
+    ratio = 0.0 if tau == 0 else (tau / rho if rho != 0 else math.inf)
+    return StepReport(tau=tau, rho=rho, r_proposed=ratio, scale=scale, r_applied=0.0 if skipped else scale * ratio,
+                      bound=config.bound.name if bound is None else bound, method=method,
+                      rows_probed=batch.rows_probed, skipped=skipped, seconds=time.perf_counter() - start,
+                      step=state.steps, reason=reason, rows_in_batch=batch.rows_in_batch)
 
 
 def skips_on_device(optimizer: torch.optim.Optimizer) -> bool:
