@@ -405,6 +405,4 @@ def _parse(kind: type, value: Any) -> Any:
         if isinstance(value, bool) or value in ("True", "False"):
             return value in (True, "True")
         raise ValueError(f"expected True or False, got {value!r}")
-    if kind is str:
-        return str(value)
     return kind(value)

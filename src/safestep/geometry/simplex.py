@@ -152,9 +152,7 @@ def mse_step(p: Tensor | None = None, *, B: Tensor | float | None = None, eps: f
     """
     if (p is None) == (B is None):
         raise ValueError("mse_step needs exactly one of a belief p (positional) or normalized entropies B= (keyword)")
-    if p is not None:
-        return backoff(p, eps)
-    return 1.0 / (1.0 + barrier(B, eps))
+    return backoff(p, eps) if p is not None else 1.0 / (1.0 + barrier(B, eps))
 
 
 def _row_labels(labels: Tensor | list, live: Tensor) -> Tensor:

@@ -46,9 +46,7 @@ def require_forward(model: nn.Module, logits_fn: LogitsFn | None) -> None:
 
 def logits_of(model: nn.Module, inputs: Inputs, logits_fn: LogitsFn | None) -> Tensor:
     """The logits of one probe call: the captured call replayed exactly, or ``logits_fn(model, as_batch(inputs))``."""
-    if logits_fn is None:
-        return default_logits_fn(model, inputs)
-    return check_logits(logits_fn(model, as_batch(inputs)))
+    return default_logits_fn(model, inputs) if logits_fn is None else check_logits(logits_fn(model, as_batch(inputs)))
 
 
 def _attention_context() -> contextlib.AbstractContextManager:
