@@ -276,3 +276,25 @@ class _Scale(nn.Module):
 
     def forward(self, z):
         return z * self.factor
+
+
+def test_a_refused_model_or_optimizer_leaves_no_hook_behind():
+    """Validate before you mutate: when the constructor refuses, the model keeps no capture hook."""
+    import torch
+    from torch import nn
+
+    from safestep import SafeStep
+
+    class NoLogits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = nn.Linear(3, 2)
+
+    model, other = NoLogits(), nn.Linear(3, 2)
+    for optimizer in (torch.optim.SGD(other.parameters(), lr=0.1), torch.optim.SGD(model.parameters(), lr=0.1)):
+        try:
+            SafeStep(optimizer, model)
+        except ValueError:
+            pass
+        assert not model._forward_pre_hooks and not model._forward_hooks
+        assert all("safestep_steps" not in g for g in optimizer.param_groups)

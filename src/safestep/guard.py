@@ -100,15 +100,17 @@ class SafeStep(torch.optim.Optimizer):
         sharded = is_sharded(bare)
         if sharded and method in ("jvp", "reuse"):
             raise ValueError(f"method={method!r} cannot probe sharded (FSDP) parameters; use method='auto' or 'fd'")
+        self.model = model
+        for group in optimizer.param_groups:
+            self._check_params(group["params"])
+        probe = ShardedProbe(bare, logits_fn) if sharded else LogitProbe(bare, logits_fn)  # may refuse the model
         for hooks in ("step_pre", "step_post", "state_dict_pre", "state_dict_post", "load_state_dict_pre",
                       "load_state_dict_post"):  # the hook tables torch.optim.Optimizer.__init__ would make
             setattr(self, f"_optimizer_{hooks}_hooks", OrderedDict())
         self._patch_step_function()
         self.optimizer = optimizer
-        self.model = model
         self.labels_fn = labels_fn
         self.capture = InputCapture(capture_module(model), self._row_scores) if capture else None
-        probe = ShardedProbe(bare, logits_fn) if sharded else LogitProbe(bare, logits_fn)
         self.target = StepTarget(probe, make_reducer(process_group), sharded, self._quiet)
         self.run = RunState()
         self.history = History(history, sinks)
@@ -117,7 +119,6 @@ class SafeStep(torch.optim.Optimizer):
         self._forward_labels: tuple[CallArgs, Tensor | None] | None = None  # labels_fn's result for the captured call
         self._forward_logits: tuple[CallArgs, Tensor] | None = None  # its logits, kept for method="reuse" only
         for group in optimizer.param_groups:
-            self._check_params(group["params"])
             self._add_group_keys(group)
 
     # -- the options, as the step config holds them ---------------------------------------------------------------
