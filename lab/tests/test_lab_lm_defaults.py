@@ -11,6 +11,7 @@ from safestep_lab.experiments.lm_defaults import (
     QUICK,
     TRAP_REFERENCE,
     bars,
+    choose_default,
     methods,
     phases,
     units,
@@ -104,3 +105,55 @@ def test_report_files_and_tables(quick, tmp_path):
     tables = quick.metrics["summary"]["tables"]
     assert "| LR | method | seed 0 |" in tables["calm"] and "| method | bar | verdict |" in tables["bars"]
     assert all(math.isfinite(r["seconds"]) for r in quick.metrics["runs"])
+
+
+def _bar(met, value=0.0):
+    return {"met": met, "value": value, "detail": ""}
+
+
+def test_the_rule_puts_safety_first_then_harm_then_the_worst_seed():
+    def table(spike, trap, per_seed, median=True, flat=True, worst=0.1):
+        return {"spike": _bar(spike, 0.01), "trap": _bar(trap, 10), "per_seed": _bar(per_seed, worst),
+                "median": _bar(median, 0.01), "flat": _bar(flat, 1.2), "cost": {"met": None, "value": 2.0}}
+
+    calm_but_unsafe = table(False, True, True, worst=0.0)
+    safe_but_harmful = table(True, True, False, median=False, worst=0.15)
+    assert choose_default({"ss-a": calm_but_unsafe, "ss-b": safe_but_harmful})[0] == "ss-b"
+    less_harm = table(True, True, False, worst=0.2)
+    assert choose_default({"ss-b": safe_but_harmful, "ss-c": less_harm})[0] == "ss-c"
+    tie = table(True, True, False, worst=0.05)
+    assert choose_default({"ss-c": less_harm, "ss-d": tie})[0] == "ss-d"
+    unrun = dict(tie, spike=_bar(None))
+    assert choose_default({"ss-e": unrun, "plain": tie}) == ("", "no candidate has every bar run")
+
+
+def test_the_committed_protocol_chose_the_library_default():
+    """The shipped default is what the committed full run's rule picks, with the options SafeStep defaults to."""
+    import inspect
+    import json
+    from pathlib import Path
+
+    from safestep import SafeStep
+
+    results = json.loads((Path(__file__).resolve().parents[1] / "results" / "lm-defaults" / "results.json").read_text())
+    chosen, _ = choose_default(results["metrics"]["summary"]["bars"])
+    defaults = {k: v.default for k, v in inspect.signature(SafeStep.__init__).parameters.items()}
+    options = dict(methods()[chosen].options)
+    for key in ("bound", "probe_size", "mode"):
+        assert options[key] == defaults[key], key
+    assert options["method"] == defaults["method"] == "auto" and defaults["probe_select"] == "mixed"
+    assert defaults["r"] is None and options["r"] == 1.0  # r = None means 1 in cap mode
+
+
+def test_bpe_cell_keeps_the_seeds_and_says_what_was_cut():
+    """Issue 19 asks for the BPE GPT (V = 8192, d ≥ 128) with 5 seeds; cuts go to LRs, steps and cells, never seeds."""
+    from safestep_lab.experiments.lm_defaults import BPE, experiment_name
+    from safestep_lab.lm import GPT_PRESETS
+    from safestep_lab.experiments.lm_defaults_bpe import EXPERIMENT
+
+    assert EXPERIMENT.name == experiment_name(BPE) == "lm-defaults-bpe" and "lm-defaults-bpe" in REGISTRY
+    assert BPE.seeds == FULL.seeds and BPE.setup.preset == "bpe" and set(BPE.lrs) >= set(BPE.lr_pairs)
+    assert {"plain", "ss-default"} <= set(BPE.calm_methods) and set(BPE.spike_methods) <= set(BPE.calm_methods)
+    assert any(u[0] == "spike" for u in units(BPE)) and not any(u[0] in ("cosine", "trap") for u in units(BPE))
+    preset = GPT_PRESETS[BPE.setup.preset]
+    assert BPE.setup.tokenizer == "bpe" and preset.vocab_size == 8192 and preset.d_model >= 128

@@ -182,3 +182,19 @@ def test_report_command_prints_or_rewrites_the_readme_block(tmp_path: Path, caps
     assert "stale" not in readme.read_text() and "| [alpha](" in readme.read_text()
     assert main(["report", "--results", str(tmp_path / "results"), "--readme", str(readme), "--check"]) == 0
     assert main(["report", "--results", str(tmp_path / "empty")]) == 2
+
+
+def test_the_committed_readme_and_docs_are_what_the_results_generate(tmp_path: Path, monkeypatch):
+    """README numbers are data: every generated block of README.md and docs/language_models.md (the reproduction
+    table, the demo table, the lm-defaults tables) equals what `safestep report` makes from the committed results;
+    a hand edit inside a protocol block is caught."""
+    root = Path(__file__).resolve().parents[2]
+    readme, docs = tmp_path / "README.md", tmp_path / "language_models.md"
+    readme.write_text((root / "README.md").read_text(encoding="utf-8"), encoding="utf-8")
+    docs.write_text((root / "docs" / "language_models.md").read_text(encoding="utf-8"), encoding="utf-8")
+    monkeypatch.chdir(root)  # the table links results folders relative to the repository
+    args = ["report", "--readme", str(readme), "--docs", str(docs), "--check"]
+    assert main(args) == 0
+    docs.write_text(docs.read_text(encoding="utf-8").replace("| ss-default |", "| ss-default (edited) |", 1),
+                    encoding="utf-8")
+    assert main(args) == 1

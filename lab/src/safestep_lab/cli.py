@@ -202,24 +202,50 @@ def _run_report(args: argparse.Namespace) -> int:
     text = readme.read_text(encoding="utf-8")
     demo = Path(args.demo)
     with_demo = demo.is_file() and "<!-- demo-table:start" in text
+    blocks = _protocol_blocks(results)
     try:
-        updated = replace_block(text, table)
+        updated = _fill_blocks(replace_block(text, table), blocks)
         if with_demo:
             from .demo import README_BLOCK, format_table
 
             updated = replace_block(updated, format_table(json.loads(demo.read_text()), markdown=True), README_BLOCK)
     except ValueError as error:
         raise UsageError(f"{readme}: {error}") from None
+    docs = Path(args.docs)
+    docs_text = docs.read_text(encoding="utf-8") if docs.is_file() else None
+    docs_updated = None if docs_text is None else _fill_blocks(docs_text, blocks)
     if args.check:
-        if updated != text:
-            print(f"{readme}: the reproduction or demo table is out of date; run: safestep report --readme {readme}",
+        stale = [str(path) for path, old, new in ((readme, text, updated), (docs, docs_text, docs_updated)) if old != new]
+        if stale:
+            print(f"{', '.join(stale)}: generated tables out of date; run: safestep report --readme {readme}",
                   file=sys.stderr)
             return 1
         return 0
     readme.write_text(updated, encoding="utf-8")
+    if docs_updated is not None and docs_updated != docs_text:
+        docs.write_text(docs_updated, encoding="utf-8")
     print(f"{readme}: reproduction table rewritten from {len(results)} results files in {args.results}"
-          + (f", demo table from {demo}" if with_demo else ""))
+          + (f", demo table from {demo}" if with_demo else "")
+          + (f"; {len(blocks)} protocol tables in {readme} and {docs}" if blocks else ""))
     return 0
+
+
+def _protocol_blocks(results: list[dict]) -> dict[str, str]:
+    """The generated blocks of the committed lm-defaults protocols (full runs only), by marker name."""
+    from .experiments.lm_defaults import generated_blocks
+
+    return {key: block for payload in results if payload["name"].startswith("lm-defaults") and not payload.get("quick")
+            for key, block in generated_blocks(payload).items()}
+
+
+def _fill_blocks(text: str, blocks: dict[str, str]) -> str:
+    """``text`` with every block of ``blocks`` whose markers it holds rewritten."""
+    from .report import replace_block
+
+    for name, block in blocks.items():
+        if f"<!-- {name}:start" in text:
+            text = replace_block(text, block, name)
+    return text
 
 
 def _add_report(subparsers: argparse._SubParsersAction) -> None:
@@ -235,6 +261,8 @@ def _add_report(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--demo", default="lab/demo-results/results.json",
                         help="with --readme: also rewrite the demo table from this results.json of `safestep demo` "
                         "(default: the committed lab/demo-results/results.json, what `make demo` prints)")
+    parser.add_argument("--docs", default="docs/language_models.md",
+                        help="with --readme: also rewrite the lm-defaults tables of this file (default: %(default)s)")
     parser.set_defaults(handler=_run_report)
 
 

@@ -82,6 +82,7 @@ REGISTRY: dict[str, str] = {
     "lm-binds": "safestep_lab.experiments.lm_binds",
     "lm-belief": "safestep_lab.experiments.lm_belief",
     "lm-defaults": "safestep_lab.experiments.lm_defaults",
+    "lm-defaults-bpe": "safestep_lab.experiments.lm_defaults_bpe",
 }
 
 

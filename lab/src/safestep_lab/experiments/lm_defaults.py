@@ -40,7 +40,9 @@ __all__ = [
     "DefaultsConfig",
     "bars",
     "build_result",
+    "choose_default",
     "collect",
+    "generated_blocks",
     "methods",
     "phases",
     "readme_block",
@@ -88,7 +90,7 @@ class DefaultsConfig:
     eval_every: int = 50
     tuned_lr: float = 1e-3  # plain AdamW's best constant LR at 300 steps (lm-calm; checked again by this protocol)
     spike_factors: tuple[float, ...] = (1000.0, 10.0, 100.0)  # in the order run
-    spike_methods: tuple[str, ...] = ("ss-weighted", "ss-weighted-p8")
+    spike_methods: tuple[str, ...] = CANDIDATES[:3] + BASELINES
     spike_start: int = 100
     spike_steps: int = 30
     cosine_methods: tuple[str, ...] = BASELINES + CANDIDATES[:3]
@@ -119,6 +121,13 @@ QUICK = DefaultsConfig(lrs=(1e-2, 3e-2), calm_methods=("plain", "ss-default", "s
                        cosine_methods=("plain", "ss-weighted"), warmup=3, trap_lr=1e-2, trap_steps=8, trap_every=2,
                        baseline_warmup=3, setup=LMSetup(batch_size=4, seq_len=32, val_windows=8))
 # The quick variant's tuned LR is 1e-2 so that its spike (at 1e-2 and 3e-2) sits on LRs of its calm grid.
+BPE = DefaultsConfig(lrs=(1e-3, 3e-3, 1e-2), calm_methods=("plain", "ss-default", "ss-weighted-p8"), ghost_lrs=(),
+                     steps=100, spike_factors=(1000.0,), spike_methods=("plain", "ss-default", "ss-weighted-p8"),
+                     spike_start=40, spike_steps=20, cosine_methods=(), trap_methods=(), series_lrs=(),
+                     setup=LMSetup(tokenizer="bpe", preset="bpe", batch_size=8, seq_len=128, val_windows=64))
+"""The BPE cell (V = 8192, d = 128), cut to fit 2 cores: 5 seeds kept; 3 constant LRs, 100 steps, batches of 8,
+64 validation windows, the ×1000 spike only (held for steps 40–59), no cosine and no trap trace; the whole-batch
+candidates (3–5× the step) not run."""
 
 Unit = tuple  # (kind, lr, factor, method, seed, config)
 
@@ -132,7 +141,8 @@ def phases(config: DefaultsConfig) -> list[list[Unit]]:
     rest = [lr for lr in config.lrs if lr not in config.ghost_lrs]
     spike = lambda factors: [("spike", lr, f, m, seed, config) for f in factors for lr in config.lr_pairs
                              for m in config.spike_methods for seed in s]
-    trap = [("trap", config.trap_lr, 1.0, m, config.trap_seed, config) for m in config.trap_methods + TRAP_REFERENCE]
+    traced = config.trap_methods + TRAP_REFERENCE if config.trap_methods else ()
+    trap = [("trap", config.trap_lr, 1.0, m, config.trap_seed, config) for m in traced]
     cosine = [("cosine", lr, 1.0, m, seed, config) for lr in config.lr_pairs for m in config.cosine_methods
               for seed in s]
     return [b for b in (trap + calm(first), calm(rest), spike(config.spike_factors[:1]), cosine,
@@ -321,7 +331,7 @@ def bars(cells: dict[str, Any], config: DefaultsConfig, initial: float) -> dict[
     """
     names = sorted({c["method"] for c in cells.values()}, key=lambda m: (BASELINES + CANDIDATES).index(m))
     out: dict[str, dict[str, Any]] = {}
-    contexts = [("calm", lr) for lr in config.lrs] + [("cosine", lr) for lr in config.lr_pairs]
+    contexts = [("calm", lr) for lr in config.lrs] + [("cosine", lr) for lr in config.lr_pairs if config.cosine_methods]
     for method in names:
         if method == "plain":
             continue
@@ -392,10 +402,39 @@ def bars(cells: dict[str, Any], config: DefaultsConfig, initial: float) -> dict[
             if mine is not None and plain is not None:
                 ratios.append(mine["seconds_median"] / plain["seconds_median"])
         result["cost"] = {"met": None, "stated": bool(ratios), "value": float(np.median(ratios)) if ratios else math.nan,
-                          "detail": (f"median seconds per 300-step run {np.median(ratios):.2f}× plain AdamW's "
+                          "detail": (f"median seconds per {config.steps}-step run {np.median(ratios):.2f}× plain AdamW's "
                                      f"(per LR {', '.join(f'{x:.2f}' for x in ratios)})") if ratios else "not run"}
         out[method] = result
     return out
+
+
+SAFETY_BARS = ("spike", "trap")
+"""The bars a default must meet first: what the guard exists for (a spike rescued) and never freezing a run."""
+HARM_BARS = ("per_seed", "median", "flat")
+
+
+def choose_default(table: dict[str, dict[str, Any]]) -> tuple[str, str]:
+    """The candidate to ship and why: among the SafeStep candidates with every bar run, those meeting both safety
+    bars first; then the fewest missed no-harm bars; then the smallest worst-seed loss against plain AdamW."""
+    ran = {m: t for m, t in table.items() if m.startswith("ss-")
+           and all(t[b]["met"] is not None for b in SAFETY_BARS + HARM_BARS)}
+    if not ran:
+        return "", "no candidate has every bar run"
+
+    def rank(method: str) -> tuple[int, int, float]:
+        bars_of = ran[method]
+        unsafe = sum(not bars_of[b]["met"] for b in SAFETY_BARS)
+        return unsafe, sum(not bars_of[b]["met"] for b in HARM_BARS), bars_of["per_seed"]["value"]
+
+    best = min(ran, key=rank)
+    unsafe, harmful, _ = rank(best)
+    safe = [m for m in ran if rank(m)[0] == 0]
+    why = (f"the only candidate meeting both safety bars ({', '.join(SAFETY_BARS)})" if safe == [best] else
+           f"meets both safety bars and misses the fewest no-harm bars ({harmful})" if not unsafe else
+           f"no candidate meets both safety bars; it misses the fewest bars ({unsafe + harmful})")
+    missed = [f"{name} ({_value(name, ran[best][name])})" for name in SAFETY_BARS + HARM_BARS
+              if not ran[best][name]["met"]]
+    return best, why + (f"; it misses {', '.join(missed)}" if missed else "; it meets every bar")
 
 
 def _trap_summary(runs: list[dict]) -> dict[str, Any]:
@@ -549,42 +588,52 @@ def _figure(summary: dict, config: DefaultsConfig):
     return fig
 
 
+def experiment_name(config: DefaultsConfig) -> str:
+    """``lm-defaults`` for the byte GPT, ``lm-defaults-bpe`` for the BPE GPT."""
+    return "lm-defaults" if config.setup.preset == "byte" else f"lm-defaults-{config.setup.preset}"
+
+
 def build_result(runs: list[dict[str, Any]], config: DefaultsConfig, quick: bool, seconds: float,
                  missing: list[str] | None = None) -> ExperimentResult:
     """The summary, bars, tables and claims of whatever runs are given; ``missing`` names the units cut."""
     summary = summarize(runs, config)
     summary["trap_series"] = {r["method"]: {"scale": r["series"]["scale"]} for r in runs if r["kind"] == "trap"}
     summary["missing_units"] = missing or []
+    ghost = f" (ss-ghost at {', '.join(f'{lr:g}' for lr in config.ghost_lrs)})" if config.ghost_lrs else ""
+    cosine = (f"Warm-up ({config.warmup} steps) + cosine to {config.min_ratio:g}·peak at peaks {config.lr_pairs[0]:g} "
+              f"and {config.lr_pairs[1]:g}, methods {', '.join(config.cosine_methods)}. ") if config.cosine_methods else ""
+    trap = (f" Trap analysis: seed {config.trap_seed}, lr {config.trap_lr:g}, {config.trap_steps} steps, the update "
+            f"probed on the whole batch every {config.trap_every} steps, methods {', '.join(config.trap_methods)} and "
+            "plain AdamW (monitored, never scaled).") if config.trap_methods else ""
     protocol = (
         f"{config.setup.describe()}; {config.steps} steps, seeds {', '.join(map(str, config.seeds))}, validation "
         f"every {config.eval_every} steps. Calm: constant LR ∈ {{{', '.join(f'{lr:g}' for lr in config.lrs)}}}, "
-        f"methods {', '.join(config.calm_methods)} (ss-ghost at {', '.join(f'{lr:g}' for lr in config.ghost_lrs)}). "
+        f"methods {', '.join(config.calm_methods)}{ghost}. "
         f"Spikes ×{'/×'.join(f'{f:g}' for f in config.spike_factors)} held for steps {config.spike_start}–"
         f"{config.spike_start + config.spike_steps - 1} at lr {config.lr_pairs[0]:g} (tuned) and "
-        f"{config.lr_pairs[1]:g}, methods {', '.join(config.spike_methods)}. Warm-up ({config.warmup} steps) + cosine "
-        f"to {config.min_ratio:g}·peak at peaks {config.lr_pairs[0]:g} and {config.lr_pairs[1]:g}, methods "
-        f"{', '.join(config.cosine_methods)}. SafeStep: cap, r = 1; ss-default = bound 'ghost', probe_size=0.125, "
-        "probe_select 'mixed', method 'auto' (the library's defaults); ss-weighted = bound 'weighted' (R_w), "
-        "probe_size=None (whole batch); ss-weighted-p8 = R_w, probe_size=0.125; ss-ghost = π/Δ_a, whole batch. "
-        f"zclip: z = {ZCLIP['z']}, EMA {ZCLIP['alpha']}, warm-up {config.baseline_warmup} steps. Trap analysis: "
-        f"seed {config.trap_seed}, lr {config.trap_lr:g}, {config.trap_steps} steps, the update probed on the whole batch "
-        f"every {config.trap_every} steps, methods {', '.join(config.trap_methods)} and plain AdamW (monitored, never "
-        "scaled)."
+        f"{config.lr_pairs[1]:g}, methods {', '.join(config.spike_methods)}. {cosine}SafeStep: cap, r = 1; "
+        "ss-default = bound 'ghost', probe_size=0.125, probe_select 'mixed', method 'auto' (the library's defaults); "
+        "ss-weighted = bound 'weighted' (R_w), probe_size=None (whole batch); ss-weighted-p8 = R_w, "
+        "probe_size=0.125; ss-ghost = π/Δ_a, whole batch. "
+        f"zclip: z = {ZCLIP['z']}, EMA {ZCLIP['alpha']}, warm-up {config.baseline_warmup} steps.{trap}"
     )
     notes = [corpus_note(config.setup),
              ("Seconds are wall-clock per run on a 2-core machine shared with other jobs (one torch thread per "
               "worker, two workers); ratios between methods are more telling than the absolute values."),
-             (f"The tuned LR is {config.tuned_lr:g}: plain AdamW's best constant LR at 300 steps in lm-calm "
-              "(3 seeds), fixed before this protocol ran; the calm sweep here checks it.")]
+             (f"The tuned LR is {config.tuned_lr:g}: plain AdamW's best constant LR for the byte GPT at 300 steps "
+              "in lm-calm (3 seeds), fixed before this protocol ran; the calm sweep here checks it"
+              + ("." if config.setup.preset == "byte" else " for this model too."))]
     if missing:
         notes.append(f"Cut (not run before the deadline): {len(missing)} unit(s): " + "; ".join(missing))
     tables = {"calm": seed_table(summary, config, "calm"), "cosine": seed_table(summary, config, "cosine"),
               **{f"spike x{f:g}": seed_table(summary, config, "spike", f) for f in config.spike_factors},
               "bars": bar_table(summary)}
     summary["tables"] = tables
+    name = experiment_name(config)
     return ExperimentResult(
-        name="lm-defaults", title="SafeStep's candidate defaults on a byte-level GPT: seeds × LRs × spikes × schedule",
-        paper_ref="issue 19 (no harm, real help), lm-defaults", protocol=protocol,
+        name=name, title=f"SafeStep's candidate defaults on the {config.setup.preset.upper()} GPT: seeds × LRs × spikes"
+                         + (" × schedule" if config.cosine_methods else ""),
+        paper_ref=f"issue 19 (no harm, real help), {name}", protocol=protocol,
         config={**asdict(config), "methods_options": {k: asdict(v) for k, v in methods(config.baseline_warmup).items()},
                 "bars": BARS, "bar_text": BAR_TEXT},
         seeds=list(config.seeds), metrics={"summary": summary, "runs": runs}, claims=_claims(summary, config),
@@ -616,10 +665,10 @@ def _cost(unit: Unit) -> float:
         * (3.0 if unit[0] == "trap" else 1.0)
 
 
-def run(options: RunOptions) -> ExperimentResult:
+def run(options: RunOptions, full: DefaultsConfig = FULL, quick: DefaultsConfig = QUICK) -> ExperimentResult:
     """Every phase in order (``run_units`` per phase, resumable through ``options.cache``), then the summary."""
     started = time.perf_counter()
-    config = QUICK if options.quick else FULL
+    config = quick if options.quick else full
     config = replace(config, seeds=options.seed_tuple(config.seeds))
     runs: list[dict] = []
     for batch in phases(config):
@@ -629,24 +678,30 @@ def run(options: RunOptions) -> ExperimentResult:
 
 
 def readme_block(summary: dict, config: DefaultsConfig) -> str:
-    """The README's generated table: per method and cell the median final loss and the worst seed against plain
-    AdamW on the same seed, then each candidate's bars (missed first)."""
+    """The README's generated table: per method and cell the median final loss and its worst seed (against plain
+    AdamW on the same seed; for a spike, against the method's own calm run), then each candidate's bars (missed
+    first) and the candidate the rule chooses."""
     cells = summary["cells"]
-    columns = [("calm", lr, f"{lr:g}") for lr in config.lrs] + [("cosine", lr, f"cos {lr:g}") for lr in config.lr_pairs]
+    columns = ([("calm", lr, f"{lr:g}", 1.0) for lr in config.lrs]
+               + [("cosine", lr, f"cos {lr:g}", 1.0) for lr in config.lr_pairs if config.cosine_methods]
+               + [("spike", config.tuned_lr, f"×{f:g} at {config.tuned_lr:g}", f) for f in sorted(config.spike_factors)])
     lines = ["| method | " + " | ".join(c[2] for c in columns) + " | s/run |", "|---|" + "---|" * (len(columns) + 1)]
     for method in BASELINES + CANDIDATES:
         row, seconds = [], []
-        for kind, lr, _ in columns:
-            cell, plain = _cell(cells, kind, lr, method), _cell(cells, kind, lr, "plain")
+        for kind, lr, _, factor in columns:
+            cell = _cell(cells, kind, lr, method, factor)
             if cell is None:
                 row.append("–")
                 continue
-            seconds.append(cell["seconds_median"])
+            # calm and cosine: against plain AdamW on the same seed; a spike: against the method's own calm run
+            base, bar = ((_cell(cells, kind, lr, "plain"), "per_seed") if kind != "spike" else
+                         (_cell(cells, "calm", lr, method), "spike"))
+            seconds += [cell["seconds_median"]] if kind != "spike" else []
             text = fmt(cell["median"])
-            if method != "plain" and plain is not None:
-                worst = max(v / plain["per_seed"][s] - 1 for s, v in cell["per_seed"].items() if s in plain["per_seed"])
+            if base is not None and (method != "plain" or kind == "spike"):
+                worst = max(v / base["per_seed"][s] - 1 for s, v in cell["per_seed"].items() if s in base["per_seed"])
                 text += f" ({100 * worst:+.0f} %)"
-                if worst > BARS["per_seed"]:
+                if worst > BARS[bar]:
                     text = f"**{text}**"
             row.append(text)
         if any(x != "–" for x in row):
@@ -659,7 +714,27 @@ def readme_block(summary: dict, config: DefaultsConfig) -> str:
         parts = [f"{name} **{_verdict(bar)}** ({_value(name, bar)})"
                  for name, bar in sorted(table.items(), key=lambda kv: order[_verdict(kv[1])])]
         lines.append(f"- `{method}`: " + ", ".join(parts))
+    chosen, why = choose_default(summary["bars"])
+    if chosen:
+        lines += ["", f"**Chosen by the protocol** (safety bars first, then the fewest missed no-harm bars, then the "
+                      f"worst seed): `{chosen}`, {why}."]
     return "\n".join(lines)
+
+
+def generated_blocks(payload: dict[str, Any]) -> dict[str, str]:
+    """The generated README/docs blocks of one full run's results.json, by marker name: ``<name>`` (the README's
+    table and bars), ``<name>-calm``, ``<name>-cosine``, ``<name>-spike`` and ``<name>-bars`` (docs)."""
+    name, summary = payload["name"], payload["metrics"]["summary"]
+    config = FULL if name == "lm-defaults" else BPE
+    block = readme_block(summary, config)
+    if summary["missing_units"]:
+        block += (f"\n\nNot run before the deadline ({len(summary['missing_units'])} of {len(units(config))} units): "
+                  f"see `lab/results/{name}/report.md`.")
+    tables = summary["tables"]
+    spikes = "\n\n".join(f"×{key.split('x')[1]}:\n\n{table}" for key, table in tables.items()
+                          if key.startswith("spike") and table)
+    return {name: block, f"{name}-calm": tables["calm"], f"{name}-cosine": tables["cosine"] or "(not run)",
+            f"{name}-spike": spikes or "(not run)", f"{name}-bars": tables["bars"]}
 
 
 def write_outputs(cache: str | Path, out_dir: str | Path, config: DefaultsConfig = FULL) -> ExperimentResult:
