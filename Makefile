@@ -8,6 +8,9 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.safestep-installed
 PYTEST_ARGS ?= -m "not slow"
+# pytest-xdist: 2 worker processes, each taking whole test files (module-scoped fixtures run once);
+# `make test PYTEST_WORKERS=` runs in one process. A single file runs fastest without: `pytest tests/test_x.py`.
+PYTEST_WORKERS ?= -n 2 --dist loadfile
 
 .PHONY: demo test bench clean-venv
 
@@ -21,7 +24,7 @@ demo: $(STAMP)
 	$(VENV)/bin/safestep demo --out safestep-demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 bench: $(STAMP)
 	$(PY) benchmarks/radius_speed.py
