@@ -7,6 +7,7 @@ A child's exception fails the test with its traceback; a hang (a collective one 
 ``timeout`` seconds.
 """
 import datetime
+import multiprocessing
 import os
 import socket
 import time
@@ -42,7 +43,10 @@ def spawn(worker, tmp_path, *, init=True, timeout=90.0, start_method="spawn"):
     """worker(rank, out_dir) on 2 ranks; returns [rank 0's result, rank 1's result].
 
     ``start_method="fork"`` skips the children's imports (seconds per framework on a loaded machine), as OLMo-core's
-    own gloo tests do; "spawn" starts clean interpreters."""
+    own gloo tests do, but the children inherit whatever earlier tests did to this process; "spawn" starts clean
+    interpreters; "forkserver" forks them from a clean server process that imported the worker's module once."""
+    if start_method == "forkserver":  # takes effect when this process's fork server starts (its first use)
+        multiprocessing.set_forkserver_preload([worker.__module__])
     context = mp.start_processes(_child, args=(worker, _free_port(), str(tmp_path), init), nprocs=WORLD,
                                  join=False, start_method=start_method)
     deadline = time.monotonic() + timeout
