@@ -199,10 +199,9 @@ def test_a_plain_step_without_a_batch_is_still_refused():
         guard.step()
 
 
-@pytest.mark.xfail(strict=True, reason="library bug, reported in issue 21: OLMoSafeStep.step calls SafeStep.step and "
-                   "torch's Optimizer wraps each class's step in its hook runner, so once a plain SafeStep exists "
-                   "every step hook of an OLMoSafeStep runs twice")
 def test_step_hooks_run_once_per_step_even_after_a_plain_safestep_was_built():
+    """torch wraps each optimizer class's own ``step`` in its hook runner: a subclass that overrode ``step`` and
+    called ``super().step()`` ran every hook twice once a plain SafeStep existed (fails on that version)."""
     model = _transformer()
     SafeStep(torch.optim.SGD(model.parameters(), lr=0.0), model)  # torch wraps SafeStep.step (once per process)
     guard = SafeStepConfig(optim=AdamWConfig(lr=0.5)).build(model)

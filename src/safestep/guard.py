@@ -43,7 +43,7 @@ def _shared(name: str) -> property:
 
 class SafeStep(torch.optim.Optimizer):
     """Wrap ``optimizer`` so that every applied update has length at most r·ρ (cap) or exactly r·ρ (set);
-    ``mode="monitor"`` measures τ, ρ and r = τ/ρ but applies the inner update exactly as an unwrapped optimizer would.
+    ``mode="monitor"`` measures τ, ρ and r = τ/ρ and applies the inner update exactly as it was proposed.
 
     ``model``'s latest gradient-recording call is captured and replayed by the probe (or pass ``step(inputs=x)``);
     the options are README.md's table. ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's, and
@@ -215,6 +215,8 @@ class SafeStep(torch.optim.Optimizer):
              labels: Tensor | None = None) -> Any:  # type: ignore[override]
         """One guarded step of the captured training call (or ``inputs``) with ``labels``, else ``labels_fn`` of the
         batch (computed once, at the training forward); returns the closure's loss, the report is ``last_report``."""
+        if self._unguarded(closure, inputs, labels):
+            return self.optimizer.step()
         start = time.perf_counter()
         loss = None
         if closure is not None:
@@ -245,6 +247,10 @@ class SafeStep(torch.optim.Optimizer):
             raise
         self._commit(report)
         return loss
+
+    def _unguarded(self, closure: Any, inputs: Any, labels: Any) -> bool:
+        """True for a step handed to the inner optimizer as is: never here; integrations override this, not ``step``."""
+        return False
 
     def _commit(self, report: StepReport) -> None:
         """Count the step, keep its report, then hand it to the history and sinks (a failing sink loses only its

@@ -53,10 +53,8 @@ class OLMoSafeStep(SafeStep):
     """SafeStep that hands ``torch.distributed.checkpoint``'s state-initializing step (``is_state_init_step``) to
     the inner optimizer unguarded: no batch exists yet, the learning rates are 0 and nothing moves."""
 
-    def step(self, closure: Any = None, **kwargs: Any) -> Any:  # type: ignore[override]
-        if closure is None and not kwargs and is_state_init_step(self.optimizer):
-            return self.optimizer.step()
-        return super().step(closure, **kwargs)
+    def _unguarded(self, closure: Any, inputs: Any, labels: Any) -> bool:
+        return closure is None and inputs is None and labels is None and is_state_init_step(self.optimizer)
 
 
 @dataclass
