@@ -50,9 +50,10 @@ def test_table_files_and_report(demo):
     assert {p.name for p in paths.values()} == {"results.json", "demo_lm.png", "report.md"}
     payload = json.loads(paths["results.json"].read_text())
     assert [r["method"] for r in payload["runs"]] == ["plain", "clip", "safestep"]
-    assert payload["probe"] == {"bound": "ghost", "probe_size": 16, "method": "jvp"}
+    assert payload["probe"] == {"bound": "ghost", "probe_size": 0.125, "method": "auto"}  # SafeStep's defaults
     report = paths["report.md"].read_text()
-    assert "probe_size=16" in report and "| plain |" in report and paths["demo_lm.png"].stat().st_size > 10_000
+    assert "`SafeStep(AdamW, model)` with the library's defaults" in report and "| plain |" in report
+    assert paths["demo_lm.png"].stat().st_size > 10_000
 
 
 def test_the_demo_parser_has_an_lm_flag():
@@ -71,3 +72,13 @@ def test_cli_demo_lm_end_to_end(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "safestep" in printed and "demo_lm.png" in printed
     assert (tmp_path / "report.md").exists()
+
+
+def test_the_lm_demo_guards_with_safesteps_own_defaults():
+    import inspect
+
+    from safestep import SafeStep
+    from safestep_lab.demo_lm import PROBE
+
+    defaults = {k: v.default for k, v in inspect.signature(SafeStep.__init__).parameters.items()}
+    assert PROBE == {key: defaults[key] for key in ("bound", "probe_size", "method")}

@@ -17,6 +17,7 @@ from typing import IO, Any, Callable
 
 import numpy as np
 import torch
+from safestep.guard import DEFAULT_PROBE_SIZE
 
 from .demo import METHOD_STYLES, R_LABELS, check_spike_window
 from .io import json_ready, text_table, write_atomically, write_json, write_text
@@ -24,7 +25,8 @@ from .io import json_ready, text_table, write_atomically, write_json, write_text
 __all__ = ["LMDemoConfig", "LMDemoResult", "METHODS", "run_lm_demo", "format_lm_table", "write_lm_outputs"]
 
 METHODS = ("plain", "clip", "safestep")
-PROBE = {"bound": "ghost", "probe_size": 16, "method": "jvp"}  # the whole batch (16 sequences × 64 positions)
+PROBE = {"bound": "ghost", "probe_size": DEFAULT_PROBE_SIZE, "method": "auto"}
+"""``SafeStep(AdamW, model)``'s own defaults, written out (lm-defaults chose them): π/Δ_a on 1/8 of the rows."""
 
 
 @dataclass(frozen=True)
@@ -231,8 +233,9 @@ def _report_markdown(result: LMDemoResult) -> str:
         f"{cfg.seed}) and sees the same batches.",
         "",
         "- **plain**: AdamW as is. **clip**: `clip_grad_norm_(1.0)` before each step. **safestep**: "
-        "`SafeStep(AdamW, model, r=1, mode=\"cap\", bound=\"ghost\", probe_size=16, method=\"jvp\")`: the probe "
-        "covers the whole batch (1024 positions), and any step longer than the radius ρ is shortened to ρ.",
+        "`SafeStep(AdamW, model)` with the library's defaults (r = 1, cap, π/Δ_a on 2 of the 16 sequences: half "
+        "the hardest by training cross-entropy, half a rotating stride): any step longer than the probed rows' "
+        "radius ρ is shortened to ρ.",
         f"- r = τ/ρ: τ is the length of AdamW's step, ρ the convergence radius of the loss along it. Plain and clip "
         f"are measured every {cfg.monitor_every} steps without changing any step; for safestep every step, before "
         "capping (every applied step has r ≤ 1).",
