@@ -59,6 +59,8 @@ def test_trap_direction_weighted_radius_is_never_below_ghost(quick):
             assert row["weighted"]["rho"] >= row["ghost"]["rho"] * (1 - 1e-6)
             assert row["ghost"]["weighted_rho_of_row"] >= row["ghost"]["rho"] * (1 - 1e-6)
             assert 0 < row["ghost"]["p_label"] <= 1 and row["ghost"]["spread"] > 0
+            # the binding row's ghost radius is π/Δ_a of the slopes the trace read itself (a radius ×3 goes red)
+            assert row["ghost"]["rho"] == pytest.approx(math.pi / row["ghost"]["spread"], rel=2e-3)
     summary = quick.metrics["summary"]["trap"]
     assert set(summary) == set(QUICK.trap_methods + TRAP_REFERENCE)
 
