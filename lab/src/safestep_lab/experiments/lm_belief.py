@@ -60,7 +60,7 @@ class BeliefConfig:
 
 
 FULL = BeliefConfig()
-QUICK = BeliefConfig(alone=False, seeds=(0,), steps=30, eval_every=15, setup=LMSetup(val_windows=64))
+QUICK = BeliefConfig(alone=False, seeds=(0,), steps=30, eval_every=15, setup=LMSetup(batch_size=8, val_windows=32))
 
 
 def run_one(bound: str, seed: int, config: BeliefConfig) -> dict[str, Any]:

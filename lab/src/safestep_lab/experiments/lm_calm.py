@@ -41,7 +41,7 @@ class CalmConfig:
 
 
 FULL = CalmConfig()
-QUICK = CalmConfig(lrs=(3e-3, 3e-2), seeds=(0,), steps=60, eval_every=30, setup=LMSetup(val_windows=64))
+QUICK = CalmConfig(lrs=(3e-3, 3e-2), seeds=(0,), steps=60, eval_every=30, setup=LMSetup(batch_size=8, val_windows=32))
 
 
 def run_one(lr: float, method: str, seed: int, config: CalmConfig) -> dict[str, Any]:
