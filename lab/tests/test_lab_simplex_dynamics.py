@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from decimal import Decimal
 
 import numpy as np
 import pytest
@@ -11,18 +10,13 @@ import torch
 
 from safestep.geometry import ads_step, max_step
 from safestep_lab.simplex_dynamics import anchor, contraction_factor, mirror_step, project_to_simplex, projected_step
+from test_lab_belief_maps import _library_test_module
 
 f64 = torch.float64
 
 
-def t(x) -> torch.Tensor:
-    return torch.tensor(x, dtype=f64)
-
-
-def assert_printed(value: float, printed: str) -> None:
-    """``value`` rounds to the printed reference: |value − ref| <= half a unit in its last printed digit."""
-    unit = Decimal(1).scaleb(Decimal(printed).as_tuple().exponent)
-    assert abs(value - float(printed)) <= 0.5 * float(unit) * 1.001, (value, printed)
+_paper = _library_test_module("test_simplex")  # the library tests' paper-value helpers, one copy
+t, assert_printed = _paper.t, _paper.assert_printed
 
 
 def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
