@@ -754,5 +754,5 @@ EXPERIMENT = Experiment(
     name="lm-defaults", paper_ref="issue 19: SafeStep's defaults on language models",
     summary="candidate defaults (ghost/weighted × probe 1/8/whole batch) vs AdamW, clip, ZClip: 5 seeds × LRs, "
             "spikes, warm-up + cosine, and the trap analysed",
-    full_time="≈ 2 h, 2 workers on a busy 2-core machine (≈ 300 runs of 300 steps)",
+    full_time="≈ 2 h wall, 2 workers on a 2-core machine (373 runs of 300 steps, 4.1 h of run time)",
     quick_time="≈ 10 s", run=run)

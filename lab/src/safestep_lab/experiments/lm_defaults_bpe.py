@@ -28,5 +28,5 @@ def run(options: RunOptions) -> ExperimentResult:
 EXPERIMENT = Experiment(
     name="lm-defaults-bpe", paper_ref="issue 19: SafeStep's defaults on language models (BPE GPT)",
     summary="the default vs R_w on 1/8 of the rows vs AdamW on the BPE GPT: 5 seeds × 3 LRs and the ×1000 spike",
-    full_time="≈ 40 min, 2 workers on a 2-core machine (75 runs of 100 steps)",
+    full_time="≈ 35 min wall, 2 workers on a 2-core machine (75 runs of 100 steps)",
     quick_time="≈ 20 s once the BPE tokenizer is cached (its first training takes minutes)", run=run)
