@@ -97,6 +97,24 @@ def test_without_the_lab_its_commands_stop_in_one_line_whatever_their_arguments(
     assert fails_in_one_line(argv) == f"safestep {argv[0]}: {LAB_MISSING}"
 
 
+def test_a_lab_that_fails_to_load_leaves_the_library_commands_working(monkeypatch, fails_in_one_line, tmp_path):
+    """A broken entry point (the lab's package gone, its metadata left) used to take `safestep plot` down with it."""
+    import safestep.cli
+
+    class Broken:
+        value = "safestep_lab.cli:register"
+
+        def load(self):
+            raise ModuleNotFoundError("No module named 'safestep_lab'")
+
+    monkeypatch.setattr(safestep.cli, "entry_points", lambda group: [Broken()])
+    assert {"plot", "calibrate"} <= set(safestep.cli.build_parser()._subparsers._group_actions[0].choices)
+    line = fails_in_one_line(["demo", "--quick"])
+    assert line == ("safestep demo: error: the lab is installed but failed to load: safestep_lab.cli:register: "
+                    "ModuleNotFoundError: No module named 'safestep_lab'")
+    assert fails_in_one_line(["plot", str(tmp_path / "missing.jsonl")]).startswith("safestep plot: error: cannot read")
+
+
 def test_the_core_tests_never_import_the_lab():
     """The library's tests run without the lab installed: none of them names safestep_lab (this file only hides it)."""
     this = Path(__file__).name

@@ -1,11 +1,8 @@
-"""The ``safestep`` command line: ``plot``, ``calibrate``, ``--version``, and the commands that installed
-distributions register through the ``safestep.cli`` entry point group: the reproduction lab (safestep-lab) adds
-``demo``, ``list``, ``reproduce NAME|all`` and ``report``; without it those stop in one line saying how to install it.
-
-Each subcommand is one ``_add_<name>(subparsers)`` that registers its parser and handler; an entry point names a
-``register(subparsers)`` that does the same, with ``UsageError``, ``check_out_dir`` and the argument types
-``positive_int``, ``seed`` and ``threads``. Argparse checks every number; a handler checks its optional dependencies
-and its output folder before any work. A failed check raises ``UsageError``: one line on stderr, exit code 2."""
+"""The ``safestep`` command line: ``plot``, ``calibrate``, ``--version``, and what installed distributions register
+through the ``safestep.cli`` entry point group (``register(subparsers)``, with ``UsageError``, ``check_out_dir``,
+``positive_int``, ``seed``, ``threads``): the lab's ``demo``, ``list``, ``reproduce NAME|all`` and ``report``, which
+without it stop in one line saying how to install it. Every check (arguments, optional dependencies, the output
+folder) runs before any work; a failed one raises ``UsageError``: one line on stderr, exit code 2."""
 from __future__ import annotations
 
 import argparse
@@ -94,21 +91,25 @@ _NO_OPTIONS = "\0"
 
 
 def _lab_missing(args: argparse.Namespace) -> int:
-    """The handler of a lab command's stand-in: stop with the line that says how to install the lab."""
-    raise UsageError(_LAB_MISSING)
+    """A lab command's stand-in: stop with how to install the lab, or why its installed entry point failed."""
+    raise UsageError(f"the lab is installed but failed to load: {args.broken}" if args.broken else _LAB_MISSING)
 
 
 def _add_entry_point_commands(subparsers: argparse._SubParsersAction) -> None:
-    """Let every installed ``safestep.cli`` entry point ``register(subparsers)``; a lab command still missing gets a
-    stand-in that accepts any arguments and stops with _LAB_MISSING."""
+    """Let every installed ``safestep.cli`` entry point ``register(subparsers)`` (one that fails to load cannot take
+    the library's commands down); a lab command still missing gets a stand-in accepting any arguments."""
+    broken = []
     for entry_point in entry_points(group="safestep.cli"):
-        entry_point.load()(subparsers)
+        try:
+            entry_point.load()(subparsers)
+        except Exception as error:  # noqa: BLE001 - reported by the lab's commands, not by plot or calibrate
+            broken.append(f"{entry_point.value}: {type(error).__name__}: {error}")
     for name in _LAB_COMMANDS:
         if name not in subparsers.choices:
             stand_in = subparsers.add_parser(name, help="(the reproduction lab: pip install -e lab)", add_help=False,
                                              prefix_chars=_NO_OPTIONS)
             stand_in.add_argument("arguments", nargs="*", help=argparse.SUPPRESS)
-            stand_in.set_defaults(handler=_lab_missing)
+            stand_in.set_defaults(handler=_lab_missing, broken="; ".join(broken))
 
 
 _PLOT_PANELS = (  # (y label, ((report field, legend), ...)), each on a log axis
