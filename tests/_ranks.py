@@ -83,3 +83,18 @@ def rank_shard(rank):
 def capping_sgd(params):
     """SGD with a learning rate large enough that the guard's cap binds."""
     return torch.optim.SGD(params, lr=4.0, momentum=0.9)
+
+
+def one_process_reference(steps):
+    """The tiny MLP trained ``steps`` steps in one process on every rank's rows concatenated, with the guard the rank
+    tests compare against (whole-batch probe): its final parameters' model and the (τ, ρ, s) of each step."""
+    from safestep import SafeStep
+
+    model = tiny_mlp()
+    reference = SafeStep(capping_sgd(model.parameters()), model, probe_size=None)
+    x, y = (torch.cat(parts) for parts in zip(*(rank_shard(r) for r in range(WORLD))))
+    for _ in range(steps):
+        reference.zero_grad()
+        torch.nn.functional.cross_entropy(model(x), y).backward()
+        reference.step()
+    return model, [(r.tau, r.rho, r.scale) for r in reference.history]

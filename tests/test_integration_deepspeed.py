@@ -12,9 +12,16 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from _ranks import ROWS, WORLD, capping_sgd, full_flat, rank_shard, spawn, tiny_mlp
+from _ranks import (
+    ROWS,
+    capping_sgd,
+    full_flat,
+    one_process_reference,
+    rank_shard,
+    spawn,
+    tiny_mlp,
+)
 
-from safestep import SafeStep
 from safestep.integrations.deepspeed import check_config, safestep_initialize
 
 STEPS = 3
@@ -51,14 +58,7 @@ def _zero0(rank, out_dir):
 def test_zero_stage0_every_rank_applies_the_scale_of_one_process_on_the_concatenated_batch(tmp_path):
     pytest.importorskip("deepspeed")
     ranks = spawn(_zero0, tmp_path, init=False, start_method="fork", timeout=400.0)
-    model = tiny_mlp()
-    reference = SafeStep(capping_sgd(model.parameters()), model, probe_size=None)
-    x, y = (torch.cat(parts) for parts in zip(*(rank_shard(r) for r in range(WORLD))))
-    for _ in range(STEPS):
-        reference.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        reference.step()
-    expected = [(r.tau, r.rho, r.scale) for r in reference.history]
+    model, expected = one_process_reference(STEPS)
     assert min(scale for *_, scale in expected) < 0.5  # the cap binds
     for result in ranks:
         assert (result["engine"], result["guard"]) == ("DeepSpeedEngine", "SafeStep")

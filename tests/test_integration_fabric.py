@@ -4,7 +4,15 @@ under bf16-mixed precision with gradient accumulation."""
 import pytest
 import torch
 import torch.nn.functional as F
-from _ranks import WORLD, capping_sgd, full_flat, rank_shard, spawn, tiny_mlp
+from _ranks import (
+    WORLD,
+    capping_sgd,
+    full_flat,
+    one_process_reference,
+    rank_shard,
+    spawn,
+    tiny_mlp,
+)
 
 pytest.importorskip("lightning")
 from lightning.fabric import Fabric  # noqa: E402
@@ -38,14 +46,8 @@ def _fabric_ddp(rank, out_dir):
 
 def test_fabric_ddp_every_rank_applies_the_scale_of_one_process_on_the_concatenated_batch(tmp_path):
     ranks = spawn(_fabric_ddp, tmp_path, init=False, start_method="fork")
-    model = tiny_mlp()
-    reference = SafeStep(capping_sgd(model.parameters()), model, probe_size=None)
-    x, y = (torch.cat(parts) for parts in zip(*(rank_shard(r) for r in range(WORLD))))
-    for _ in range(STEPS):
-        reference.zero_grad()
-        F.cross_entropy(model(x), y).backward()
-        reference.step()
-    expected = [(r.rho, r.scale) for r in reference.history]
+    model, history = one_process_reference(STEPS)
+    expected = [(rho, scale) for _, rho, scale in history]
     assert min(scale for _, scale in expected) < 0.5  # the cap binds
     for result in ranks:
         assert result["wrapped"] == ("_FabricModule", "DistributedDataParallel", True)

@@ -19,7 +19,7 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from safestep import SafeStep, StepReport  # noqa: E402
+from safestep import StepReport  # noqa: E402
 from safestep.bounds import make_bound  # noqa: E402
 from safestep.integrations import interval_metrics, unwrap_safestep  # noqa: E402
 from safestep.integrations.transformers import (  # noqa: E402

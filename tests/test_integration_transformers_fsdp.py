@@ -17,7 +17,7 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from _ranks import WORLD, full_flat, spawn  # noqa: E402
+from _ranks import full_flat, spawn  # noqa: E402
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from safestep import SafeStep  # noqa: E402

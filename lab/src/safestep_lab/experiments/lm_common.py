@@ -31,7 +31,7 @@ from safestep.bounds import Belief, BoundSpec, Ghost, make_bound
 from safestep.telemetry import StepReport
 
 from ..lm import GPT, gpt_config, evaluate_lm, lm_loss
-from ..lm_baselines import LossSpikeSkipper, ZScoreClipper, grad_norm
+from ..lm_baselines import LossSpikeSkipper, ZScoreClipper
 from ..text import TokenizedText, Windows, stdlib_corpus, tokenize_corpus
 from ..training import Batch, StepRecord, run_steps
 
