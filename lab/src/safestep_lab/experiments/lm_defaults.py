@@ -725,7 +725,7 @@ def generated_blocks(payload: dict[str, Any]) -> dict[str, str]:
     """The generated README/docs blocks of one full run's results.json, by marker name: ``<name>`` (the README's
     table and bars), ``<name>-calm``, ``<name>-cosine``, ``<name>-spike`` and ``<name>-bars`` (docs)."""
     name, summary = payload["name"], payload["metrics"]["summary"]
-    config = FULL if name == "lm-defaults" else BPE
+    config = {experiment_name(c): c for c in (FULL, BPE)}[name]  # KeyError for a protocol it does not know
     block = readme_block(summary, config)
     if summary["missing_units"]:
         block += (f"\n\nNot run before the deadline ({len(summary['missing_units'])} of {len(units(config))} units): "
